@@ -1,0 +1,274 @@
+"""Configuration: TOML in, validated frozen dataclasses out.
+
+Every table maps onto one dataclass. Unknown keys are rejected with the file, the dotted key
+and the problem, because a typo in a replication config (``bandwith_limit``) that is silently
+ignored is worse than a daemon that refuses to start.
+
+Sizes accept integers (bytes) or strings with a unit: ``"512MiB"``, ``"1G"``, ``"100MB"``.
+Rates accept the same, per second: ``"50MB"`` means 50,000,000 bytes per second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+PAGE_SIZE = 4096
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1024,
+    "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1000**4, "tb": 1000**4, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | str, *, key: str = "size", path: str | None = None) -> int:
+    """Parse ``512MiB`` / ``1G`` / ``4096`` into bytes."""
+    if isinstance(value, bool):
+        raise ConfigError("expected a size, got a boolean", path=path, key=key)
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError("must not be negative", path=path, key=key)
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        raise ConfigError(f"cannot parse size {value!r} (examples: 4096, '512MiB', '1G')",
+                          path=path, key=key)
+    raise ConfigError(f"expected a size, got {type(value).__name__}", path=path, key=key)
+
+
+def parse_address(value: str, *, key: str, path: str | None = None) -> tuple[str, int]:
+    """Parse ``host:port`` (``[v6]:port`` allowed)."""
+    m = re.match(r"^\[?([^\]]+?)\]?:(\d+)$", value or "")
+    if not m or not (0 <= int(m.group(2)) <= 65535):
+        raise ConfigError(f"expected host:port, got {value!r}", path=path, key=key)
+    return m.group(1), int(m.group(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Who this node is."""
+    name: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
+    role: Literal["source", "sink"] = "source"
+    state_dir: Path = Path("/var/lib/replicator")
+
+
+@dataclass(frozen=True, slots=True)
+class RegionConfig:
+    """One RAM region of a ``file`` domain: a file written by some other process."""
+    name: str
+    path: Path
+    size: int = 0          # 0: take the file's size at start-up
+
+
+@dataclass(frozen=True, slots=True)
+class QemuConfig:
+    """A QEMU domain. The desktop VM is attached by QMP socket or launched from this spec."""
+    qmp_socket: Path | None = None          # attach to a running VM (source)
+    launch: bool = False                    # launch the VM ourselves from the fields below
+    ram_size: int = 512 * 1024**2
+    ram_path: Path | None = None            # shared file backing guest RAM (memory-backend-file)
+    vcpus: int = 1
+    accel: Literal["tcg", "kvm", "auto"] = "auto"
+    cpu_model: str = ""
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    disks: tuple[Path, ...] = ()
+    serial_log: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DomainConfig:
+    """The domain (VM) being replicated."""
+    name: str = "vm"
+    driver: Literal["file", "qemu"] = "file"
+    tracker: Literal["scan", "qemu-precopy"] = "scan"
+    regions: tuple[RegionConfig, ...] = ()
+    pause_command: tuple[str, ...] = ()
+    resume_command: tuple[str, ...] = ()
+    pid_file: Path | None = None            # file driver: pause/resume by SIGSTOP/SIGCONT
+    qemu: QemuConfig = field(default_factory=QemuConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig:
+    """How pages travel."""
+    compression: Literal["zstd", "lz4", "none"] = "zstd"
+    zstd_level: int = 1
+    batch_pages: int = 256
+    max_frame_bytes: int = 64 * 1024**2
+    bandwidth_limit: int = 0                # bytes per second on the wire; 0 = unlimited
+    scan_interval_min: float = 0.05         # seconds between scan rounds (adaptive within)
+    scan_interval_max: float = 1.0
+    max_inflight_epochs: int = 4            # epochs sent but not yet acknowledged
+    reconnect_delay: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """The replication link. The sink listens, the source connects."""
+    address: str = "127.0.0.1:7400"         # source: where the sink listens
+    listen: str = "127.0.0.1:7400"          # sink: where to listen
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The local control API (status, metrics, switch)."""
+    listen: str = "127.0.0.1:7401"
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    domain: DomainConfig = field(default_factory=DomainConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    source_path: str | None = None
+
+
+# Keys whose values are sizes or rates (parsed with parse_size).
+_SIZE_KEYS = {"size", "ram_size", "max_frame_bytes", "bandwidth_limit"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+def _convert(value: Any, tp: Any, key: str, path: str | None) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"expected a table, got {type(value).__name__}", path=path, key=key)
+        return _build(tp, value, key, path)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"must be one of {choices}, got {value!r}", path=path, key=key)
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key, path)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"expected a list, got {type(value).__name__}", path=path, key=key)
+        return tuple(_convert(v, args[0], f"{key}[{i}]", path) for i, v in enumerate(value))
+    if key.rsplit(".", 1)[-1] in _SIZE_KEYS:
+        return parse_size(value, key=key, path=path)
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError("expected a non-empty path string", path=path, key=key)
+        return Path(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected true or false, got {value!r}", path=path, key=key)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"expected an integer, got {value!r}", path=path, key=key)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"expected a number, got {value!r}", path=path, key=key)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"expected a string, got {value!r}", path=path, key=key)
+        return value
+    raise ConfigError(f"unsupported type {tp!r}", path=path, key=key)  # pragma: no cover
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, path: str | None) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source_path"}
+    kwargs = {}
+    for k, v in table.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown key (known keys here: {known})", path=path, key=key)
+        kwargs[k] = _convert(v, hints[k], key, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"incomplete table: {exc}", path=path, key=prefix or None) from None
+
+
+def _validate(cfg: Config, path: str | None) -> None:
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(msg, path=path, key=key)
+
+    s = cfg.stream
+    if not 1 <= s.batch_pages <= 4096:
+        bad("stream.batch_pages", "must be between 1 and 4096")
+    if s.max_frame_bytes < (s.batch_pages * PAGE_SIZE) * 2:
+        bad("stream.max_frame_bytes", "must hold at least two batches of pages")
+    if not 1 <= s.zstd_level <= 19:
+        bad("stream.zstd_level", "must be between 1 and 19")
+    if s.scan_interval_min <= 0 or s.scan_interval_max < s.scan_interval_min:
+        bad("stream.scan_interval_max", "need 0 < scan_interval_min <= scan_interval_max")
+    if s.max_inflight_epochs < 1:
+        bad("stream.max_inflight_epochs", "must be at least 1")
+    parse_address(cfg.peer.address, key="peer.address", path=path)
+    parse_address(cfg.peer.listen, key="peer.listen", path=path)
+    if not cfg.control.listen.startswith("unix:"):
+        parse_address(cfg.control.listen, key="control.listen", path=path)
+    d = cfg.domain
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", d.name):
+        bad("domain.name", "use letters, digits, '_', '.', '-' (at most 64)")
+    seen = set()
+    for i, r in enumerate(d.regions):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", r.name):
+            bad(f"domain.regions[{i}].name", "use letters, digits, '_', '.', '-'")
+        if r.name in seen:
+            bad(f"domain.regions[{i}].name", f"duplicate region name {r.name!r}")
+        seen.add(r.name)
+        if r.size % PAGE_SIZE:
+            bad(f"domain.regions[{i}].size", f"must be a multiple of {PAGE_SIZE}")
+    if cfg.node.role == "source" and d.driver == "file" and not d.regions:
+        bad("domain.regions", "a file domain needs at least one region")
+    if d.driver == "qemu" and d.qemu.ram_size % PAGE_SIZE:
+        bad("domain.qemu.ram_size", f"must be a multiple of {PAGE_SIZE}")
+
+
+def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> Config:
+    """Load and validate a config from a TOML file path or an already parsed dict."""
+    path: str | None = None
+    if isinstance(source, dict):
+        table = source
+    else:
+        path = str(source)
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError("file not found", path=path) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}", path=path) from None
+    cfg = _build(Config, table, "", path)
+    cfg = dataclasses.replace(cfg, source_path=path)
+    _validate(cfg, path)
+    return cfg

@@ -1,0 +1,95 @@
+"""Every Prometheus metric replicator exports, defined in one place.
+
+Each daemon owns a :class:`Metrics` with its own registry, so two daemons in one process (tests,
+the demo) do not collide. Names carry the ``replicator_`` prefix and base units (bytes, seconds).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
+                               generate_latest)
+
+from . import __version__
+
+_SWITCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_ROUND_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """All metrics of one daemon."""
+
+    def __init__(self, role: str = "source", domain: str = "vm"):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.build_info = Info("replicator_build", "Build information.", registry=r)
+        self.build_info.info({"version": __version__, "role": role, "domain": domain})
+
+        # Lag (source view; the sink exports what it knows of it).
+        self.lag_bytes = Gauge("replicator_lag_bytes",
+                               "Bytes of guest RAM changed but not yet durable on the sink.",
+                               registry=r)
+        self.lag_pages = Gauge("replicator_lag_pages",
+                               "Pages changed but not yet durable on the sink.", registry=r)
+        self.lag_seconds = Gauge("replicator_lag_seconds",
+                                 "Age of the oldest change not yet durable on the sink.",
+                                 registry=r)
+        self.dirty_rate = Gauge("replicator_dirty_rate_bytes_per_second",
+                                "Rate at which the guest dirties RAM (moving average).",
+                                registry=r)
+        self.throughput = Gauge("replicator_link_throughput_bytes_per_second",
+                                "Wire bytes per second sent to the peer (moving average).",
+                                registry=r)
+        self.sent_bytes = Counter("replicator_sent_bytes",
+                                  "Page bytes sent: raw (before compression) and wire (framed).",
+                                  ["kind"], registry=r)
+        self.pages_sent = Counter("replicator_pages_sent",
+                                  "Pages sent, by encoding.", ["encoding"], registry=r)
+        self.received_bytes = Counter("replicator_received_bytes",
+                                      "Wire bytes received from the peer.", registry=r)
+        self.pages_written = Counter("replicator_pages_written",
+                                     "Pages written into the shadow store.", registry=r)
+        self.round_seconds = Histogram("replicator_round_duration_seconds",
+                                       "Duration of one dirty-tracking round (scan).",
+                                       buckets=_ROUND_BUCKETS, registry=r)
+        self.acked_epoch = Gauge("replicator_acked_epoch",
+                                 "Last epoch the sink acknowledged as durable.", registry=r)
+        self.peer_connected = Gauge("replicator_peer_connected",
+                                    "1 while the replication link is up.", registry=r)
+        self.reconnects = Counter("replicator_reconnects",
+                                  "Times the replication link was re-established.", registry=r)
+        self.switch_estimate = Gauge("replicator_switch_estimate_seconds",
+                                     "Predicted downtime of a switch started now.", registry=r)
+        self.ram_bytes = Gauge("replicator_domain_ram_bytes",
+                               "Guest RAM being replicated.", registry=r)
+        self.in_sync = Gauge("replicator_in_sync",
+                             "1 when the last round found nothing left to send and all is acked.",
+                             registry=r)
+
+        # Switches.
+        self.switches = Counter("replicator_switches",
+                                "Switches attempted, by mode and result.", ["mode", "result"],
+                                registry=r)
+        self.switch_downtime = Histogram("replicator_switch_downtime_seconds",
+                                         "Pause on this host to running on the other.",
+                                         ["mode"], buckets=_SWITCH_BUCKETS, registry=r)
+        self.switch_duration = Histogram("replicator_switch_duration_seconds",
+                                         "Switch request to running on the other host.",
+                                         ["mode"], buckets=_SWITCH_BUCKETS, registry=r)
+        self.last_switch_downtime = Gauge("replicator_last_switch_downtime_seconds",
+                                          "Downtime of the most recent successful switch.",
+                                          registry=r)
+        self.handed_over = Gauge("replicator_handed_over",
+                                 "1 when this node handed the domain to its peer.", registry=r)
+
+        # Sink / store.
+        self.store_errors = Counter("replicator_store_errors",
+                                    "Shadow store write failures (e.g. disk full).", registry=r)
+        self.frames_rejected = Counter("replicator_frames_rejected",
+                                       "Connections dropped for malformed or hostile frames.",
+                                       registry=r)
+        for enc in ("zero", "compressed", "raw"):
+            self.pages_sent.labels(enc)
+        for kind in ("raw", "wire"):
+            self.sent_bytes.labels(kind)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,203 @@
+"""The replication protocol's messages: frozen dataclasses, no I/O.
+
+Every message has a small integer ``TYPE``; the codec puts it first in the frame. Field types are
+checked on decode against the annotations, so a hostile peer cannot smuggle a dict where bytes
+are expected. Page indices travel as little-endian ``uint32`` arrays and page hashes as
+little-endian ``uint64`` arrays packed into ``bytes``: one msgpack object per batch, not per page.
+
+Conversation (source connects, sink listens)::
+
+    source -> Hello                 layout of the domain, protocol version
+    sink   -> Welcome | Reject      acked epoch; followed by ManifestChunk* + ManifestEnd
+    source -> PageBatch* EpochEnd   repeated; each EpochEnd is answered by Ack once durable
+    either -> Ping / Pong           liveness and round-trip time
+    source -> VerifyRequest         sink answers VerifyReply with a digest of its manifest
+    switch messages: see replicator.source.switch / replicator.sink.switch
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RegionInfo:
+    """One RAM region of the domain: name, size in bytes, page size."""
+    name: str
+    size: int
+    page_size: int = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    TYPE: ClassVar[int] = 1
+    version: int
+    node: str
+    domain: str
+    regions: tuple[RegionInfo, ...]
+    vm: bytes = b""          # optional msgpack'd VM description for the shadow (switch issue)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    TYPE: ClassVar[int] = 2
+    version: int
+    node: str
+    acked_epoch: int
+    handed_over: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    TYPE: ClassVar[int] = 3
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestChunk:
+    """Part of the sink's per-page hash table for one region (uint64 LE array)."""
+    TYPE: ClassVar[int] = 4
+    region: str
+    first_page: int
+    hashes: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestEnd:
+    TYPE: ClassVar[int] = 5
+
+
+@dataclass(frozen=True, slots=True)
+class PageBatch:
+    """Changed pages of one region.
+
+    ``zero``: uint32 indices of all-zero pages (no payload). ``pages``: uint32 indices of the
+    others, ``hashes`` their xxh3-64 (uint64), ``payload`` their contents concatenated in that
+    order, compressed with ``codec`` into ``raw_len`` bytes before compression.
+    """
+    TYPE: ClassVar[int] = 6
+    epoch: int
+    region: str
+    codec: str
+    zero: bytes
+    pages: bytes
+    hashes: bytes
+    raw_len: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EpochEnd:
+    TYPE: ClassVar[int] = 7
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The sink made every page up to and including ``epoch`` durable."""
+    TYPE: ClassVar[int] = 8
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    TYPE: ClassVar[int] = 9
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    TYPE: ClassVar[int] = 10
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyRequest:
+    TYPE: ClassVar[int] = 11
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReply:
+    """Digest (xxh3-128 of the uint64 hash array) of each region's manifest."""
+    TYPE: ClassVar[int] = 12
+    nonce: int
+    epoch: int
+    digests: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage:
+    """A fatal error; the sender closes the connection after it."""
+    TYPE: ClassVar[int] = 13
+    message: str
+
+
+# --- switch ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SwitchPrepare:
+    """Source asks the sink to get the shadow ready (started, disks reachable)."""
+    TYPE: ClassVar[int] = 20
+    switch_id: str
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchReady:
+    TYPE: ClassVar[int] = 21
+    switch_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchVerify:
+    """The source is paused and every page is sent: compare the full manifest digests."""
+    TYPE: ClassVar[int] = 22
+    switch_id: str
+    epoch: int
+    digests: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """A chunk of the QEMU device-state migration stream (x-ignore-shared)."""
+    TYPE: ClassVar[int] = 23
+    switch_id: str
+    offset: int
+    data: bytes
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchCommit:
+    """Point of no return: the sink will run the domain; the source must never resume it."""
+    TYPE: ClassVar[int] = 24
+    switch_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchResult:
+    """Sink's answer to a switch step: ``ok`` or the reason it refused."""
+    TYPE: ClassVar[int] = 25
+    switch_id: str
+    step: str
+    ok: bool
+    message: str = ""
+    resumed_at: float = 0.0   # sink wall clock when the shadow ran (for downtime)
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchAbort:
+    TYPE: ClassVar[int] = 26
+    switch_id: str
+    reason: str
+
+
+MESSAGE_TYPES: tuple[type, ...] = (
+    Hello, Welcome, Reject, ManifestChunk, ManifestEnd, PageBatch, EpochEnd, Ack, Ping, Pong,
+    VerifyRequest, VerifyReply, ErrorMessage, SwitchPrepare, SwitchReady, SwitchVerify,
+    DeviceState, SwitchCommit, SwitchResult, SwitchAbort,
+)
