@@ -1,0 +1,89 @@
+"""Reading page files (guest RAM, shadow images) efficiently; shared by source and sink.
+
+Reads go through ``preadv`` into one reusable buffer and skip holes with ``SEEK_DATA`` /
+``SEEK_HOLE``: reading a sparse tmpfs file through a shared mmap would allocate its holes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import xxhash
+
+from .config import PAGE_SIZE
+from .wire.pages import ZERO_HASH, hash_pages
+
+CHUNK_PAGES = 1024          # 4 MiB per read: big enough for preadv, small enough for the cache
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """Page-aligned (start, end) byte ranges of ``fd`` that may hold data; holes read as zero."""
+    try:
+        out = []
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:      # no data after pos
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            start -= start % PAGE_SIZE
+            end = min(end + (-end) % PAGE_SIZE, size)
+            out.append((start, end))
+            pos = end
+        return out
+    except OSError:
+        return [(0, size)]               # filesystem without SEEK_DATA: read everything
+
+
+def hash_file(fd: int, size: int, buf: bytearray | None = None) -> np.ndarray:
+    """xxh3-64 of every page of the first ``size`` bytes of ``fd`` (holes/past EOF are zero)."""
+    npages = size // PAGE_SIZE
+    cur = np.full(npages, ZERO_HASH, dtype=np.uint64)
+    buf = buf if buf is not None else bytearray(CHUNK_PAGES * PAGE_SIZE)
+    mv = memoryview(buf)
+    st_size = os.fstat(fd).st_size
+    for start, end in data_extents(fd, min(size, st_size)):
+        off = start
+        while off < end:
+            want = min(end - off, len(buf))
+            got = os.preadv(fd, [mv[:want]], off)
+            if got <= 0:
+                break
+            if got % PAGE_SIZE:           # partial last page: the rest reads as zero
+                pad = PAGE_SIZE - got % PAGE_SIZE
+                mv[got:got + pad] = bytes(pad)
+                got += pad
+            n = got // PAGE_SIZE
+            p0 = off // PAGE_SIZE
+            cur[p0:p0 + n] = hash_pages(mv, n)
+            off += got
+    return cur
+
+
+def digest_hashes(hashes: np.ndarray) -> bytes:
+    """A short digest of a whole per-page hash table (equal tables, equal digests)."""
+    return xxhash.xxh3_128_digest(np.ascontiguousarray(hashes, dtype="<u8").tobytes())
+
+
+def read_pages(fd: int, indices: np.ndarray, buf: bytearray) -> memoryview:
+    """Read the pages ``indices`` (sorted) into ``buf``, consecutive runs in one call each."""
+    n = len(indices)
+    mv = memoryview(buf)[:n * PAGE_SIZE]
+    if not n:
+        return mv
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    ends = np.concatenate((breaks, [n])).tolist()
+    for s, e in zip(starts, ends):
+        want = (e - s) * PAGE_SIZE
+        got = os.preadv(fd, [mv[s * PAGE_SIZE:e * PAGE_SIZE]], int(indices[s]) * PAGE_SIZE)
+        if got < want:                    # past EOF of a sparse/short file: zeros
+            mv[s * PAGE_SIZE + max(got, 0):e * PAGE_SIZE] = bytes(want - max(got, 0))
+    return mv

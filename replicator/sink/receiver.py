@@ -1,0 +1,218 @@
+"""The sink side of the stream: accept the source, verify and store its pages.
+
+One source at a time per domain. Each connection: check the ``Hello`` (protocol version, domain
+name, region layout), answer with the acked epoch and the full manifest so the source sends only
+what differs, then apply page batches. Every page is verified against its hash before it is
+written; any malformed or hostile frame drops the connection without touching the shadow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, parse_address
+from ..errors import (IntegrityError, LayoutMismatch, PeerError, ProtocolError, ReplicatorError,
+                      StoreError)
+from ..link import Link
+from ..metrics import Metrics
+from ..wire import messages as m
+from ..wire.pages import decode_batch
+from .store import ShadowStore
+
+log = logging.getLogger(__name__)
+
+MANIFEST_CHUNK_PAGES = 512 * 1024
+PEER_TIMEOUT = 10.0
+
+#: Handler for switch messages: (message, link) -> None. Installed by the switch layer.
+SwitchHandler = Callable[[Any, Link], Awaitable[None]]
+
+
+class SinkReceiver:
+    """Accepts the source's connection and keeps the shadow store up to date."""
+
+    def __init__(self, cfg: Config, metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.metrics = metrics or Metrics("sink", cfg.domain.name)
+        self.root = Path(cfg.node.state_dir) / cfg.domain.name
+        self.store: ShadowStore | None = None
+        self.link: Link | None = None
+        self.source_node = ""
+        self.vm_description: bytes = b""
+        self.last_error = ""
+        self.switch_handler: SwitchHandler | None = None
+        self.connected = asyncio.Event()
+        self.epoch_committed = asyncio.Condition()
+        self._server: asyncio.base_events.Server | None = None
+        self._busy = asyncio.Lock()
+        self._last_batch_at = 0.0
+
+    # --- server --------------------------------------------------------------------------------
+
+    async def start(self) -> tuple[str, int]:
+        host, port = parse_address(self.cfg.peer.listen, key="peer.listen")
+        self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20)
+        sock = self._server.sockets[0].getsockname()
+        log.info("sink listening on %s:%d for domain %s", sock[0], sock[1], self.cfg.domain.name)
+        return sock[0], sock[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self.link is not None:
+            await self.link.close()
+        async with self._busy:
+            pass
+        if self.store is not None:
+            self.store.close(clean=True)
+            self.store = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = Link(reader, writer, self.cfg.stream.max_frame_bytes)
+        if self._busy.locked():
+            await _reject(link, "another source is already replicating this domain")
+            return
+        async with self._busy:
+            try:
+                await self._session(link)
+            except (PeerError, asyncio.TimeoutError) as exc:
+                self.last_error = str(exc) or "peer timed out"
+                log.warning("source %s: %s", link.peer, self.last_error)
+            except (ProtocolError, IntegrityError) as exc:
+                self.last_error = f"dropped {link.peer}: {exc}"
+                self.metrics.frames_rejected.inc()
+                log.warning("%s", self.last_error)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(link.send(m.ErrorMessage(str(exc))), 1)
+            except StoreError as exc:
+                self.last_error = str(exc)
+                self.metrics.store_errors.inc()
+                log.error("%s", exc)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(link.send(m.ErrorMessage(str(exc))), 1)
+            except ReplicatorError as exc:
+                self.last_error = str(exc)
+                log.error("session with %s failed: %s", link.peer, exc)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(link.send(m.ErrorMessage(str(exc))), 1)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug must not take the daemon (and its shadow) down with one connection.
+                log.exception("unexpected error in session with %s", link.peer)
+            finally:
+                if self.store is not None:
+                    self.store.abort_epoch()
+                self.link = None
+                self.connected.clear()
+                self.metrics.peer_connected.set(0)
+                await link.close()
+
+    # --- session -------------------------------------------------------------------------------
+
+    def _open_store(self, hello: m.Hello) -> ShadowStore:
+        if hello.domain != self.cfg.domain.name:
+            raise LayoutMismatch(f"source offers domain {hello.domain!r}, this sink keeps "
+                                 f"{self.cfg.domain.name!r}")
+        for r in hello.regions:
+            if r.page_size != 4096 or r.size <= 0 or r.size % 4096:
+                raise LayoutMismatch(f"region {r.name!r}: unsupported size/page size")
+            if not r.name or "/" in r.name or r.name.startswith("."):
+                raise LayoutMismatch(f"region name {r.name!r} is not allowed")
+        if len({r.name for r in hello.regions}) != len(hello.regions):
+            raise LayoutMismatch("duplicate region names")
+        offered = list(hello.regions)
+        if self.store is not None:
+            if list(self.store._infos) != offered:
+                raise LayoutMismatch("source's region layout changed; reset the sink's store "
+                                     f"({self.root}) to accept it")
+            return self.store
+        existing = ShadowStore.existing_layout(self.root)
+        if existing is not None and existing != offered:
+            have = ", ".join(f"{r.name}={r.size}" for r in existing)
+            want = ", ".join(f"{r.name}={r.size}" for r in offered)
+            raise LayoutMismatch(f"layout mismatch: the shadow holds [{have}], the source offers "
+                                 f"[{want}]; remove {self.root} to start over")
+        return ShadowStore.open(self.root, offered)
+
+    async def _session(self, link: Link) -> None:
+        hello = await asyncio.wait_for(link.recv(), PEER_TIMEOUT)
+        if not isinstance(hello, m.Hello):
+            raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
+        if hello.version != m.PROTOCOL_VERSION:
+            await _reject(link, f"protocol version {hello.version} is not supported "
+                                f"(this sink speaks {m.PROTOCOL_VERSION})")
+            raise ProtocolError(f"source speaks protocol {hello.version}")
+        try:
+            self.store = self._open_store(hello)
+        except (LayoutMismatch, StoreError) as exc:
+            await _reject(link, str(exc))
+            raise
+        store = self.store
+        self.source_node = hello.node
+        self.vm_description = hello.vm
+        await link.send(m.Welcome(m.PROTOCOL_VERSION, self.cfg.node.name, store.epoch,
+                                  store.handed_over))
+        for name, r in store.regions.items():
+            h = r.hashes
+            for first in range(0, len(h), MANIFEST_CHUNK_PAGES):
+                chunk = h[first:first + MANIFEST_CHUNK_PAGES].astype("<u8").tobytes()
+                await link.send(m.ManifestChunk(name, first, chunk))
+        await link.send(m.ManifestEnd())
+        self.link = link
+        self.last_error = ""
+        self.connected.set()
+        self.metrics.peer_connected.set(1)
+        log.info("source %s (%s) connected; shadow at epoch %d", hello.node, link.peer, store.epoch)
+        npages = {name: r.npages for name, r in store.regions.items()}
+        while True:
+            msg = await asyncio.wait_for(link.recv(), PEER_TIMEOUT)
+            self.metrics.received_bytes.inc(link.bytes_in - getattr(self, "_seen_in", 0))
+            self._seen_in = link.bytes_in
+            if isinstance(msg, m.PageBatch):
+                if msg.region not in npages:
+                    raise ProtocolError(f"batch for unknown region {msg.region!r}")
+                if msg.epoch <= store.epoch:
+                    raise ProtocolError(f"batch for epoch {msg.epoch}, already at {store.epoch}")
+                n = await asyncio.to_thread(self._apply, msg, npages[msg.region])
+                self.metrics.pages_written.inc(n)
+                self._last_batch_at = time.monotonic()
+            elif isinstance(msg, m.EpochEnd):
+                if msg.epoch <= store.epoch:
+                    raise ProtocolError(f"epoch {msg.epoch} ends twice")
+                await asyncio.to_thread(store.commit_epoch, msg.epoch)
+                async with self.epoch_committed:
+                    self.epoch_committed.notify_all()
+                self.metrics.acked_epoch.set(msg.epoch)
+                await link.send(m.Ack(msg.epoch))
+            elif isinstance(msg, m.Ping):
+                await link.send(m.Pong(msg.nonce))
+            elif isinstance(msg, m.VerifyRequest):
+                await link.send(m.VerifyReply(msg.nonce, store.epoch, store.digests()))
+            elif isinstance(msg, m.ErrorMessage):
+                raise PeerError(f"source reported: {msg.message}")
+            elif self.switch_handler is not None and type(msg).__name__.startswith(
+                    ("Switch", "DeviceState")):
+                await self.switch_handler(msg, link)
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} from the source")
+
+    def _apply(self, batch: m.PageBatch, npages: int) -> int:
+        decoded = decode_batch(batch, npages)      # verifies every page before any write
+        assert self.store is not None
+        return self.store.write_batch(batch.region, batch.epoch, decoded)
+
+
+async def _reject(link: Link, reason: str) -> None:
+    log.warning("refusing %s: %s", link.peer, reason)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(link.send(m.Reject(reason)), 2)
+    await link.close()
