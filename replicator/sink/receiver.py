@@ -47,6 +47,7 @@ class SinkReceiver:
         self.vm_description: bytes = b""
         self.last_error = ""
         self.switch_handler: SwitchHandler | None = None
+        self.disconnect_handler: Callable[[], Awaitable[None]] | None = None
         self.connected = asyncio.Event()
         self.epoch_committed = asyncio.Condition()
         self._server: asyncio.base_events.Server | None = None
@@ -111,6 +112,9 @@ class SinkReceiver:
             finally:
                 if self.store is not None:
                     self.store.abort_epoch()
+                if self.disconnect_handler is not None:
+                    with contextlib.suppress(Exception):
+                        await self.disconnect_handler()
                 self.link = None
                 self.connected.clear()
                 self.metrics.peer_connected.set(0)
@@ -130,17 +134,15 @@ class SinkReceiver:
         if len({r.name for r in hello.regions}) != len(hello.regions):
             raise LayoutMismatch("duplicate region names")
         offered = list(hello.regions)
-        if self.store is not None:
-            if list(self.store._infos) != offered:
-                raise LayoutMismatch("source's region layout changed; reset the sink's store "
-                                     f"({self.root}) to accept it")
-            return self.store
-        existing = ShadowStore.existing_layout(self.root)
+        existing = (list(self.store._infos) if self.store is not None
+                    else ShadowStore.existing_layout(self.root))
         if existing is not None and existing != offered:
             have = ", ".join(f"{r.name}={r.size}" for r in existing)
             want = ", ".join(f"{r.name}={r.size}" for r in offered)
             raise LayoutMismatch(f"layout mismatch: the shadow holds [{have}], the source offers "
-                                 f"[{want}]; remove {self.root} to start over")
+                                 f"[{want}]; remove {self.root} on the sink to start over")
+        if self.store is not None:
+            return self.store
         return ShadowStore.open(self.root, offered)
 
     async def _session(self, link: Link) -> None:
@@ -161,6 +163,10 @@ class SinkReceiver:
         self.vm_description = hello.vm
         await link.send(m.Welcome(m.PROTOCOL_VERSION, self.cfg.node.name, store.epoch,
                                   store.handed_over))
+        if store.handed_over:
+            log.info("source %s connected; the domain runs here, so nothing to receive",
+                     hello.node)
+            return
         for name, r in store.regions.items():
             h = r.hashes
             for first in range(0, len(h), MANIFEST_CHUNK_PAGES):

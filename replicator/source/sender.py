@@ -77,6 +77,7 @@ class SourceReplicator:
         self._last_round: Round | None = None
         self._ping_sent: dict[int, float] = {}
         self.rtt = 0.0
+        self.sessions = 0
         self.metrics.ram_bytes.set(sum(r.size for r in regions))
 
     # --- connection management -----------------------------------------------------------------
@@ -149,6 +150,12 @@ class SourceReplicator:
         if reply.version != m.PROTOCOL_VERSION:
             raise PeerRejected(f"sink speaks protocol {reply.version}, we speak "
                                f"{m.PROTOCOL_VERSION}")
+        self.sink_node = reply.node
+        self.sink_handed_over = reply.handed_over
+        self.sessions += 1
+        if reply.handed_over:
+            raise PeerRejected(f"sink {reply.node} runs the domain now (handed over); "
+                               "nothing to replicate")
         manifests = {r.name: np.empty(r.npages, dtype=np.uint64) for r in self.regions}
         filled = {r.name: 0 for r in self.regions}
         while True:
@@ -168,8 +175,6 @@ class SourceReplicator:
                 raise ProtocolError(f"sink sent an incomplete manifest for {r.name!r}")
         self.ledger.reset_to_sink(manifests, reply.acked_epoch)
         self._next_epoch = reply.acked_epoch + 1
-        self.sink_node = reply.node
-        self.sink_handed_over = reply.handed_over
         self.metrics.acked_epoch.set(reply.acked_epoch)
 
     async def _session(self, link: Link) -> None:

@@ -1,0 +1,43 @@
+# replicator: `make test` and `make demo` work on a fresh Debian bookworm machine (as root they
+# install what is missing: Debian packages via deploy/install-deps.sh, a venv with the package).
+
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+GUEST   ?= build/guest
+STAMP   := $(VENV)/.installed
+
+.PHONY: test test-fast demo bench bench-quick deps venv guest clean
+
+$(STAMP): pyproject.toml
+	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v busybox >/dev/null \
+	    || ! command -v promtool >/dev/null || ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then bash deploy/install-deps.sh; \
+	  else echo "missing system packages: run 'sudo bash deploy/install-deps.sh'" >&2; exit 1; fi; \
+	fi
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+deps venv: $(STAMP)
+
+$(GUEST)/vmlinux $(GUEST)/initramfs.cpio.gz: deploy/build-guest.sh deploy/guest/guestload.c | $(STAMP)
+	bash deploy/build-guest.sh $(GUEST)
+
+guest: $(GUEST)/vmlinux
+
+test: $(STAMP) guest
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not qemu"
+
+demo: $(STAMP) guest
+	$(BIN)/replicator demo
+
+bench: $(STAMP) guest
+	$(BIN)/python -m bench.stream
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

@@ -1,0 +1,265 @@
+"""Command line: ``replicator run | status | switch | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ReplicatorError
+
+DEFAULT_CONFIG = "/etc/replicator/replicator.toml"
+
+
+def _run_async(coro: Any) -> Any:
+    try:
+        import uvloop
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
+        return asyncio.run(coro)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- API client ----------------------------------------------------------------------------------
+
+def _api_target(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(base url, token) from --url/--token-file or the config file."""
+    url = args.url
+    token_file = args.token_file
+    if url is None or token_file is None:
+        from .config import load_config
+        cfg = load_config(args.config)
+        listen = cfg.control.listen
+        url = url or (listen if listen.startswith("unix:") else f"http://{listen}")
+        token_file = token_file or str(cfg.control.token_file
+                                       or Path(cfg.node.state_dir) / "api-token")
+    token = None
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError:
+        pass
+    return url, token
+
+
+async def _request(method: str, url: str, path: str, token: str | None = None,
+                   body: dict | None = None, timeout: float = 600) -> tuple[int, Any]:
+    import aiohttp
+    connector = None
+    base = url
+    if url.startswith("unix:"):
+        connector = aiohttp.UnixConnector(path=url[5:])
+        base = "http://localhost"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+        async with s.request(method, base + path, json=body, headers=headers) as r:
+            try:
+                data = await r.json(content_type=None)
+            except ValueError:
+                data = {"error": await r.text()}
+            return r.status, data
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f}"
+
+
+def format_status(st: dict) -> str:
+    """One-screen human view of /api/v1/status."""
+    lines = [f"{st.get('role', '?')} {st.get('node', '')}  domain {st.get('domain', '')}"]
+    peer = st.get("peer") or {}
+    state = "connected" if peer.get("connected") else f"DISCONNECTED {peer.get('error', '')}"
+    lines.append(f"  peer      {peer.get('node') or peer.get('address', '')}: {state}")
+    if st.get("role") == "source":
+        lag = st.get("lag") or {}
+        ram = st.get("ram_bytes") or 1
+        synced = max(0.0, 1 - (lag.get("bytes", 0) / ram))
+        bar = "#" * int(synced * 30) + "-" * (30 - int(synced * 30))
+        lines.append(f"  sync      [{bar}] {synced * 100:5.1f}%  "
+                     f"{'IN SYNC' if st.get('in_sync') else 'catching up'}")
+        lines.append(f"  lag       {_human_bytes(lag.get('bytes', 0))}, {lag.get('pages', 0)} "
+                     f"pages, {lag.get('seconds', 0):.2f} s")
+        lines.append(f"  dirty     {_human_bytes(st.get('dirty_rate_bytes_per_second', 0))}/s   "
+                     f"link {_human_bytes(st.get('throughput_bytes_per_second', 0))}/s")
+        lines.append(f"  switch    ~{st.get('switch_estimate_seconds', 0) * 1000:.0f} ms "
+                     f"predicted downtime")
+        if st.get("handed_over"):
+            lines.append("  HANDED OVER: the domain runs on the peer")
+        cur = st.get("switch")
+        if cur:
+            lines.append(f"  switching {cur['mode']} mode: {cur['phase']}")
+        last = st.get("last_switch")
+        if last:
+            lines.append(f"  last      {last['result']} ({last['mode']}): downtime "
+                         f"{last.get('downtime_ms') or 0:.1f} ms, total "
+                         f"{last.get('time_to_switch_ms') or 0:.1f} ms {last.get('message', '')}")
+    else:
+        lines.append(f"  shadow    epoch {st.get('acked_epoch')}, "
+                     f"{_human_bytes(st.get('ram_bytes') or 0)}; "
+                     f"{'RUNS THE DOMAIN' if st.get('runs_domain') else 'paused standby'}")
+    return "\n".join(lines)
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .daemon import serve
+    cfg = load_config(args.config)
+    _setup_logging(args.verbose)
+    try:
+        _run_async(serve(cfg))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url, _ = _api_target(args)
+
+    async def once() -> dict:
+        code, data = await _request("GET", url, "/api/v1/status", timeout=10)
+        if code != 200:
+            raise ReplicatorError(data.get("error", f"HTTP {code}"))
+        return data
+
+    async def run() -> int:
+        if not args.watch:
+            data = await once()
+            print(json.dumps(data, indent=2) if args.json else format_status(data))
+            return 0
+        while True:
+            try:
+                text = format_status(await once())
+            except (OSError, ReplicatorError) as exc:
+                text = f"cannot reach {url}: {exc}"
+            sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S  ") + text + "\n")
+            sys.stdout.flush()
+            await asyncio.sleep(args.interval)
+
+    try:
+        return _run_async(run())
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        raise ReplicatorError(f"cannot reach the daemon at {url}: {exc}") from None
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    url, token = _api_target(args)
+    if not token:
+        raise ReplicatorError("no API token (use --token-file or run as a user who can read it)")
+
+    async def run() -> int:
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                try:
+                    _, st = await _request("GET", url, "/api/v1/status", timeout=5)
+                except OSError:
+                    continue
+                cur = st.get("switch")
+                if cur:
+                    print(f"  ... {cur['phase']}", file=sys.stderr, flush=True)
+
+        watcher = asyncio.create_task(progress())
+        try:
+            code, data = await _request("POST", url, "/api/v1/switch", token,
+                                        {"mode": args.mode})
+        finally:
+            watcher.cancel()
+        if code == 200:
+            print(json.dumps(data) if args.json else
+                  f"switched ({data['mode']}): the domain runs on {data.get('peer') or 'the peer'}"
+                  f"; downtime {data['downtime_ms']:.1f} ms, time to switch "
+                  f"{data['time_to_switch_ms']:.1f} ms")
+            return 0
+        print(f"switch failed (HTTP {code}): {data.get('error')}", file=sys.stderr)
+        return 1
+
+    try:
+        return _run_async(run())
+    except OSError as exc:
+        raise ReplicatorError(f"cannot reach the daemon at {url}: {exc}") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+    return demo_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="replicator",
+                                description="Warm-standby replication of a running VM with a "
+                                            "one-button switch.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", default=os.environ.get("REPLICATOR_CONFIG",
+                                                                  DEFAULT_CONFIG),
+                        help=f"config file (default {DEFAULT_CONFIG})")
+
+    def with_api(sp: argparse.ArgumentParser) -> None:
+        with_config(sp)
+        sp.add_argument("--url", help="control API URL (default: from the config)")
+        sp.add_argument("--token-file", help="API token file (default: from the config)")
+
+    sp = sub.add_parser("run", help="run the daemon (source or sink, per the config)")
+    with_config(sp)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("status", help="show replication state")
+    with_api(sp)
+    sp.add_argument("--watch", action="store_true", help="refresh continuously")
+    sp.add_argument("--interval", type=float, default=1.0)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("switch", help="move the running domain to the peer now")
+    with_api(sp)
+    sp.add_argument("--mode", choices=("live", "stop"), default="live",
+                    help="live: catch up while running, then a short pause; "
+                         "stop: pause at once (least total time)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_switch)
+
+    sp = sub.add_parser("demo", help="desktop VM + laptop shadow on this machine: replicate, "
+                                     "switch, report")
+    sp.add_argument("--ram", default="512MiB", help="guest RAM (default 512MiB)")
+    sp.add_argument("--mode", choices=("live", "stop"), default="live")
+    sp.add_argument("--dirty", type=float, default=5.0, help="guest dirty rate, MB/s")
+    sp.add_argument("--fill", type=int, default=50, help="percent of guest RAM filled")
+    sp.add_argument("--replicate-seconds", type=float, default=8.0)
+    sp.add_argument("--workdir", default=None)
+    sp.add_argument("--json", action="store_true", help="print a final JSON line")
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ReplicatorError as exc:
+        print(f"replicator: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Assemble a running node (source or sink) from its config, and run it.
+
+The daemon owns the pieces: driver -> tracker -> replicator -> switcher on the source; receiver
+-> store -> switch -> shadow on the sink; the control API on both. It publishes metrics
+periodically and talks to systemd (READY/WATCHDOG/STOPPING) when started by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .control.api import load_or_create_token, start_api
+from .errors import ConfigError, HandedOver, ReplicatorError
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(state: str) -> None:
+    """Send a notification to systemd if we were started with NOTIFY_SOCKET (else no-op)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(state.encode())
+
+
+class SourceNode:
+    """The desktop side: replicates its domain and performs switches."""
+
+    role = "source"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.metrics = Metrics("source", cfg.domain.name)
+        self.driver: Any = None
+        self.rep: Any = None
+        self.switcher: Any = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        from .source.driver import FileDriver
+        from .source.sender import SourceReplicator
+        from .source.switch import HandoverState, Switcher
+        from .source.tracker import ScanTracker
+
+        cfg = self.cfg
+        if cfg.domain.driver == "file":
+            self.driver = FileDriver(cfg.domain)
+        else:
+            from .source.qemu_driver import QemuDriver
+            self.driver = await QemuDriver.create(cfg)
+        regions = await self.driver.regions()
+        if cfg.domain.tracker != "scan":
+            raise ConfigError(f"tracker {cfg.domain.tracker!r} is not available yet",
+                              path=cfg.source_path, key="domain.tracker")
+        tracker = ScanTracker(regions)
+        self.rep = SourceReplicator(cfg, self.driver, regions, tracker, self.metrics)
+        state = HandoverState(Path(cfg.node.state_dir) / cfg.domain.name / "handed-over.json")
+        self.switcher = Switcher(self.rep, self.driver, state)
+        if self.switcher.handed_over:
+            self.metrics.handed_over.set(1)
+            log.warning("domain %s was handed over to %s; not replicating (and never resuming "
+                        "it here)", cfg.domain.name, (state.load() or {}).get("peer", "the peer"))
+            return
+        self._task = asyncio.create_task(self.rep.run(), name="replicate")
+
+    def publish(self) -> None:
+        if self.rep is not None:
+            self.rep.publish()
+
+    def status(self) -> dict:
+        out: dict[str, Any] = {"role": "source", "node": self.cfg.node.name,
+                               "domain": self.cfg.domain.name, "time": time.time()}
+        rep = self.rep
+        if rep is None:
+            return out
+        snap = rep.ledger.snapshot()
+        out.update({
+            "peer": {"address": self.cfg.peer.address, "node": rep.sink_node,
+                     "connected": rep.connected.is_set(), "error": rep.last_error,
+                     "rtt_seconds": rep.rtt},
+            "ram_bytes": sum(r.size for r in rep.regions),
+            "lag": {"bytes": snap.lag_bytes, "pages": snap.lag_pages, "seconds": snap.lag_seconds},
+            "dirty_rate_bytes_per_second": snap.dirty_rate,
+            "throughput_bytes_per_second": snap.throughput,
+            "link_rate_bytes_per_second": snap.link_rate,
+            "switch_estimate_seconds": snap.switch_estimate,
+            "acked_epoch": snap.acked_epoch,
+            "in_sync": snap.in_sync and rep.connected.is_set(),
+            "sent_bytes": {"raw": rep.ledger.raw_sent, "wire": rep.ledger.wire_sent},
+            "handed_over": self.switcher.handed_over,
+            "switch": (self.switcher.current.to_dict() if self.switcher.current else None),
+            "last_switch": (self.switcher.last.to_dict() if self.switcher.last else None),
+        })
+        return out
+
+    async def switch(self, mode: str) -> dict:
+        report = await self.switcher.switch(mode)
+        # Handed over: stop replicating; the sink refuses us from now on anyway.
+        if self._task is not None:
+            self._task.cancel()
+        return report.to_dict()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self.rep is not None:
+            await self.rep.close()
+        if self.driver is not None:
+            await self.driver.close()
+
+
+class SinkNode:
+    """The laptop side: keeps the shadow and takes over on a switch."""
+
+    role = "sink"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.metrics = Metrics("sink", cfg.domain.name)
+        self.receiver: Any = None
+        self.switch_handler: Any = None
+        self.address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        from .sink.receiver import SinkReceiver
+        from .sink.switch import NullShadow, SinkSwitch
+
+        self.receiver = SinkReceiver(self.cfg, self.metrics)
+        if self.cfg.domain.driver == "qemu":
+            from .sink.qemu_shadow import QemuShadow
+            shadow: Any = QemuShadow(self.cfg, self.receiver)
+        else:
+            shadow = NullShadow()
+        self.switch_handler = SinkSwitch(self.receiver, shadow)
+        self.address = await self.receiver.start()
+
+    def publish(self) -> None:
+        pass
+
+    def status(self) -> dict:
+        rec = self.receiver
+        store = rec.store if rec else None
+        return {
+            "role": "sink", "node": self.cfg.node.name, "domain": self.cfg.domain.name,
+            "time": time.time(),
+            "listen": f"{self.address[0]}:{self.address[1]}" if self.address else None,
+            "peer": {"node": rec.source_node if rec else "",
+                     "connected": bool(rec and rec.connected.is_set()),
+                     "error": rec.last_error if rec else ""},
+            "acked_epoch": store.epoch if store else None,
+            "ram_bytes": sum(r.info.size for r in store.regions.values()) if store else None,
+            "runs_domain": bool(store and store.handed_over),
+            "shadow": self.switch_handler.shadow.status() if self.switch_handler else {},
+            "last_switch": self.switch_handler.last_result if self.switch_handler else None,
+        }
+
+    async def switch(self, mode: str) -> dict:
+        raise ReplicatorError("switches are started on the source (the host running the VM)")
+
+    async def stop(self) -> None:
+        if self.switch_handler is not None:
+            await self.switch_handler.shadow.close()
+        if self.receiver is not None:
+            await self.receiver.stop()
+
+
+def make_node(cfg: Config) -> SourceNode | SinkNode:
+    return SourceNode(cfg) if cfg.node.role == "source" else SinkNode(cfg)
+
+
+async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Run a node until cancelled or SIGTERM/SIGINT; SIGHUP reloads the bandwidth cap."""
+    import signal
+
+    from .config import load_config
+
+    node = make_node(cfg)
+    await node.start()
+    token_file = cfg.control.token_file or Path(cfg.node.state_dir) / "api-token"
+    token = load_or_create_token(Path(token_file))
+    runner, url = await start_api(node, cfg.control.listen, token)
+    log.info("%s node %s: control API on %s", node.role, cfg.node.name, url)
+    # Tools (and tests with port 0) find the API here.
+    url_file = Path(cfg.node.state_dir) / "api-url"
+    url_file.parent.mkdir(parents=True, exist_ok=True)
+    url_file.write_text(url + "\n")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        if cfg.source_path is None or not isinstance(node, SourceNode) or node.rep is None:
+            return
+        try:
+            new = load_config(cfg.source_path)
+        except ConfigError as exc:
+            log.error("reload refused: %s", exc)
+            return
+        node.rep.limiter.rate = new.stream.bandwidth_limit
+        log.info("reloaded: bandwidth_limit=%d bytes/s", new.stream.bandwidth_limit)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    sd_notify("READY=1\nSTATUS=replicating")
+    if ready is not None:
+        ready.set()
+    watchdog = float(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
+    last_ping = 0.0
+    try:
+        while not stop.is_set():
+            node.publish()
+            now = time.monotonic()
+            if watchdog and now - last_ping >= watchdog / 2:
+                sd_notify("WATCHDOG=1")
+                last_ping = now
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+    finally:
+        sd_notify("STOPPING=1")
+        log.info("stopping")
+        await runner.cleanup()
+        await node.stop()
+
+
+__all__ = ["SourceNode", "SinkNode", "make_node", "serve", "sd_notify", "HandedOver"]

@@ -1,0 +1,294 @@
+"""The switch, source side: hand the running domain to the sink, or roll back.
+
+Protocol (the sink's half is ``replicator.sink.switch``)::
+
+    prepare   SwitchPrepare -> SwitchReady        shadow up, disks reachable
+    catch-up  (live mode) sync rounds while running until the final delta is small
+    pause     driver.pause()                       downtime starts
+    delta     sync(): last round sent and durable on the sink
+    verify    SwitchVerify(digests) -> ok          every page of the shadow equals the source's
+    device    DeviceState* -> ok                   shadow loaded the device state, still paused
+    commit    SwitchCommit -> ok                   sink persisted "running here", then cont
+    fence     handed_over persisted here           this host never resumes the domain itself
+
+Any failure before ``SwitchCommit`` is sent resumes the domain here (rollback) and tells the sink
+to abort. Once the commit is sent and its answer lost, *this side cannot know* whether the
+sink runs the domain, so it stays paused and asks the sink when the link is back (the sink's
+``Welcome.handed_over``): the VM runs on exactly one host, never two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..config import PAGE_SIZE
+from ..errors import HandedOver, PeerError, ReplicatorError, SwitchError, SwitchInProgress
+from ..wire import messages as m
+from .driver import DomainDriver
+from .sender import SourceReplicator
+
+log = logging.getLogger(__name__)
+
+DEVICE_CHUNK = 1 << 20
+CATCHUP_MAX_ROUNDS = 20
+
+
+@dataclass
+class SwitchReport:
+    """Outcome of one switch, as the API, CLI and metrics show it."""
+    switch_id: str
+    mode: str
+    result: str = "running"              # running | ok | rolled_back | unknown
+    message: str = ""
+    phase: str = "prepare"
+    started_at: float = field(default_factory=time.time)
+    downtime_ms: float | None = None
+    time_to_switch_ms: float | None = None
+    catchup_rounds: int = 0
+    final_delta_pages: int = 0
+    final_delta_bytes: int = 0
+    device_state_bytes: int = 0
+    shadow_verified: bool = False
+    peer: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class HandoverState:
+    """Persisted fencing flag: once set, this node must never resume the domain."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            # Unreadable fencing state: refuse to guess in the dangerous direction.
+            raise HandedOver(f"cannot read {self.path} ({exc}); assuming the domain was handed "
+                             "over — inspect both hosts, then remove the file") from None
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class Switcher:
+    """Runs switches for one :class:`SourceReplicator`; one at a time."""
+
+    def __init__(self, rep: SourceReplicator, driver: DomainDriver, state: HandoverState,
+                 *, target_downtime: float = 0.05, step_timeout: float = 60.0):
+        self.rep = rep
+        self.driver = driver
+        self.state = state
+        self.target_downtime = target_downtime
+        self.step_timeout = step_timeout
+        self.current: SwitchReport | None = None
+        self.last: SwitchReport | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def handed_over(self) -> bool:
+        return self.state.load() is not None
+
+    async def switch(self, mode: str = "live") -> SwitchReport:
+        if mode not in ("live", "stop"):
+            raise SwitchError(f"unknown switch mode {mode!r}", rolled_back=False)
+        if self._lock.locked():
+            raise SwitchInProgress()
+        async with self._lock:
+            if self.handed_over:
+                raise HandedOver("this node already handed the domain over; it runs on the peer")
+            report = SwitchReport(uuid.uuid4().hex[:12], mode, peer=self.rep.sink_node)
+            self.current = report
+            mt = self.rep.metrics
+            try:
+                await self._run(report)
+            except SwitchError as exc:
+                report.result = "rolled_back" if exc.rolled_back else "unknown"
+                report.message = str(exc)
+                mt.switches.labels(mode, report.result).inc()
+                raise
+            finally:
+                self.last = report
+                self.current = None
+            mt.switches.labels(mode, "ok").inc()
+            if report.downtime_ms is not None:
+                mt.switch_downtime.labels(mode).observe(report.downtime_ms / 1000)
+                mt.last_switch_downtime.set(report.downtime_ms / 1000)
+            if report.time_to_switch_ms is not None:
+                mt.switch_duration.labels(mode).observe(report.time_to_switch_ms / 1000)
+            mt.handed_over.set(1)
+            return report
+
+    async def _step(self, report: SwitchReport, msg: object, step: str) -> m.SwitchResult:
+        """Send one step's message and wait for the sink's verdict on it."""
+        link = self.rep.link
+        if link is None:
+            raise PeerError(f"link to the sink lost before {step}")
+        await link.send(msg)
+        return await self._expect(report, step)
+
+    async def _expect(self, report: SwitchReport, step: str) -> m.SwitchResult:
+        reply = await self.rep.next_response((m.SwitchResult, m.SwitchReady), self.step_timeout)
+        if isinstance(reply, m.SwitchReady):
+            return m.SwitchResult(reply.switch_id, step, True)
+        if reply.switch_id != report.switch_id or reply.step != step:
+            raise SwitchError(f"sink answered {reply.step!r} for switch {reply.switch_id}, "
+                              f"expected {step!r} for {report.switch_id}")
+        if not reply.ok:
+            raise SwitchError(f"sink refused at {step}: {reply.message}")
+        return reply
+
+    async def _run(self, report: SwitchReport) -> None:
+        rep = self.rep
+        t_request = time.monotonic()
+        paused = False
+        committed_sent = False
+        log.info("switch %s (%s mode) to %s: preparing", report.switch_id, report.mode,
+                 rep.sink_node)
+        try:
+            if not rep.connected.is_set():
+                raise SwitchError(f"sink not connected ({rep.last_error or 'connecting'})")
+            # 1. prepare
+            report.phase = "prepare"
+            await self._step(report, m.SwitchPrepare(report.switch_id, report.mode), "prepare")
+            # 2. catch up while running (live)
+            rep.pause_scanning()
+            if report.mode == "live":
+                report.phase = "catch-up"
+                for _ in range(CATCHUP_MAX_ROUNDS):
+                    rnd = await rep.sync(self.step_timeout)
+                    report.catchup_rounds += 1
+                    snap = rep.ledger.snapshot()
+                    link = snap.link_rate or 100e6
+                    predicted = snap.round_seconds + rnd.pages * PAGE_SIZE * snap.wire_ratio / link
+                    log.info("switch %s: catch-up round %d found %d pages; predicted final "
+                             "delta %.1f ms", report.switch_id, report.catchup_rounds,
+                             rnd.pages, predicted * 1000)
+                    if predicted <= self.target_downtime + snap.round_seconds:
+                        break
+            # 3. pause
+            report.phase = "pause"
+            t_pause = time.monotonic()
+            wall_pause = time.time()
+            await self.driver.pause()
+            paused = True
+            # 4. final delta
+            report.phase = "final-delta"
+            rnd = await rep.sync(self.step_timeout)
+            report.final_delta_pages = rnd.pages
+            report.final_delta_bytes = rnd.pages * PAGE_SIZE
+            # 5. verify
+            report.phase = "verify"
+            digests = tuple(rnd.digests[r.name] for r in rep.regions)
+            await self._step(report, m.SwitchVerify(report.switch_id, rep.ledger.acked_epoch,
+                                                    digests), "verify")
+            report.shadow_verified = True
+            # 6. device state
+            report.phase = "device-state"
+            data = await self.driver.save_device_state()
+            report.device_state_bytes = len(data)
+            link = rep.link
+            if link is None:
+                raise PeerError("link lost before the device state was sent")
+            for off in range(0, max(len(data), 1), DEVICE_CHUNK):
+                chunk = data[off:off + DEVICE_CHUNK]
+                await link.send(m.DeviceState(report.switch_id, off, chunk,
+                                              off + DEVICE_CHUNK >= len(data)))
+            await self._expect(report, "device")
+            # 7. commit: from here on this side never resumes on its own.
+            report.phase = "commit"
+            self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
+                             "state": "committing", "at": time.time()})
+            committed_sent = True
+            reply = await self._step(report, m.SwitchCommit(report.switch_id), "commit")
+            t_running = time.monotonic()
+            self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
+                             "state": "handed-over", "at": time.time()})
+            report.phase = "done"
+            report.result = "ok"
+            sink_downtime = (reply.resumed_at - wall_pause) if reply.resumed_at else None
+            # Same clock (one machine, or NTP): the sink's timestamp is the honest end point.
+            # Otherwise fall back to our own view, which includes half a round trip.
+            if sink_downtime is not None and 0 <= sink_downtime <= (t_running - t_pause):
+                report.downtime_ms = sink_downtime * 1000
+            else:
+                report.downtime_ms = (t_running - t_pause) * 1000
+            report.time_to_switch_ms = (t_running - t_request) * 1000
+            log.info("switch %s done: domain runs on %s; downtime %.1f ms, time to switch "
+                     "%.1f ms, final delta %d pages", report.switch_id, rep.sink_node,
+                     report.downtime_ms, report.time_to_switch_ms, report.final_delta_pages)
+        except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
+            reason = str(exc) or type(exc).__name__
+            if committed_sent:
+                # The commit may have reached the sink: resuming here could run the VM twice.
+                log.error("switch %s: lost the sink's answer to commit (%s); the domain stays "
+                          "paused here until the sink says whether it runs it", report.switch_id,
+                          reason)
+                asyncio.get_running_loop().create_task(self._resolve_after_reconnect(report))
+                raise SwitchError(f"commit outcome unknown ({reason}); domain paused here "
+                                  "until the sink is reachable", rolled_back=False) from None
+            await self._rollback(report, paused, reason)
+            raise SwitchError(f"switch failed at {report.phase}: {reason}; the domain runs "
+                              "here again", rolled_back=True) from None
+        finally:
+            rep.resume_scanning()
+
+    async def _rollback(self, report: SwitchReport, paused: bool, reason: str) -> None:
+        log.warning("switch %s failed at %s: %s; rolling back", report.switch_id, report.phase,
+                    reason)
+        link = self.rep.link
+        if link is not None:
+            try:
+                await asyncio.wait_for(link.send(m.SwitchAbort(report.switch_id, reason)), 2)
+            except (ReplicatorError, asyncio.TimeoutError, OSError):
+                pass
+        if paused:
+            await self.driver.resume()
+            log.info("switch %s: domain resumed here", report.switch_id)
+
+    async def _resolve_after_reconnect(self, report: SwitchReport) -> None:
+        """After an ambiguous commit: wait for the sink to tell us who runs the domain."""
+        rep = self.rep
+        seen = rep.sessions
+        while True:
+            await asyncio.sleep(0.2)
+            if rep.sessions == seen:
+                continue
+            if rep.sink_handed_over:
+                self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
+                                 "state": "handed-over", "at": time.time()})
+                report.result = "ok"
+                log.info("switch %s: sink confirms it runs the domain", report.switch_id)
+            else:
+                self.state.clear()
+                await self.driver.resume()
+                report.result = "rolled_back"
+                log.warning("switch %s: sink never committed; domain resumed here",
+                            report.switch_id)
+            return
+
