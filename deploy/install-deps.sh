@@ -57,7 +57,7 @@ apt-get install -y -q --no-install-recommends -t "$backports" qemu-system-x86
 
 # Everything else from the release itself.
 apt-get install -y -q --no-install-recommends \
-    busybox-static cpio gzip zstd gcc libc6-dev \
+    busybox-static cpio gzip xz-utils zstd gcc libc6-dev binutils \
     iproute2 procps \
     prometheus \
     chromium chromium-driver \
