@@ -245,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dirty", type=float, default=5.0, help="guest dirty rate, MB/s")
     sp.add_argument("--fill", type=int, default=50, help="percent of guest RAM filled")
     sp.add_argument("--replicate-seconds", type=float, default=8.0)
-    sp.add_argument("--workdir", default=None)
+    sp.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
+                    help="tcg works everywhere; kvm where guests really run under it")
+    sp.add_argument("--guest-dir", default=None, help="test guest (default build/guest)")
+    sp.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
+    sp.add_argument("--keep", action="store_true", help="keep the temp dir")
     sp.add_argument("--json", action="store_true", help="print a final JSON line")
     sp.set_defaults(func=cmd_demo)
     return p

@@ -57,6 +57,7 @@ Source (GNU as, ``as --32``; ``ld -m elf_i386 -Ttext=0x100000 --oformat binary``
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import shutil
@@ -145,13 +146,8 @@ def test_vmspec_defaults_and_cpu_model(tmp_path):
     assert VmSpec("vm1", RAM, tmp_path / "r", accel="kvm").effective_cpu_model == "host"
     assert VmSpec("vm1", RAM, tmp_path / "r", accel="kvm", cpu_model="Skylake-Server").effective_cpu_model == "Skylake-Server"
     assert VmSpec("vm1", RAM, tmp_path / "r", disks=[str(tmp_path / "d")]).disks == (tmp_path / "d",)
-    with pytest.raises(dataclass_frozen_error()):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         spec.name = "other"  # type: ignore[misc]
-
-
-def dataclass_frozen_error() -> type[Exception]:
-    import dataclasses
-    return dataclasses.FrozenInstanceError
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -258,10 +254,14 @@ def test_stream_capabilities_rejects_garbage(data, match):
 # --- real QEMU ---------------------------------------------------------------------------------
 
 @pytest.fixture
-def qemu_bin() -> str:
-    path = shutil.which("qemu-system-x86_64")
+def qemu_bin() -> str | None:
+    """The emulator's path. Tests check it themselves (``need_qemu``) so that a missing QEMU
+    shows as a FAILED test, not as a fixture error or a skip."""
+    return shutil.which("qemu-system-x86_64")
+
+
+def need_qemu(path: str | None) -> None:
     assert path, "qemu-system-x86_64 is not installed (or not in PATH); the qemu tests need it"
-    return path
 
 
 @pytest.fixture
@@ -308,6 +308,7 @@ async def launch(vms: list, spec: VmSpec, workdir: Path, **kw) -> QemuProcess:
 
 @pytest.mark.qemu
 async def test_lifecycle_events_and_errors(qemu_bin, tmp_path, ramdir, vms):
+    need_qemu(qemu_bin)
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * MiB)
     spec = make_spec("life", ramdir, tmp_path, disks=(disk,))  # no kernel: SeaBIOS only
@@ -351,6 +352,7 @@ async def test_lifecycle_events_and_errors(qemu_bin, tmp_path, ramdir, vms):
 
 @pytest.mark.qemu
 async def test_launch_failure_reports_qemu_stderr(qemu_bin, tmp_path, ramdir, vms):
+    need_qemu(qemu_bin)
     spec = make_spec("bad", ramdir, tmp_path, machine="no-such-machine")
     t0 = time.monotonic()
     with pytest.raises(QemuError, match=r"exited with status 1 .*no-such-machine"):
@@ -360,6 +362,7 @@ async def test_launch_failure_reports_qemu_stderr(qemu_bin, tmp_path, ramdir, vm
 
 @pytest.mark.qemu
 async def test_attach_to_running_qemu(qemu_bin, tmp_path, ramdir, vms):
+    need_qemu(qemu_bin)
     spec = make_spec("prod", ramdir, tmp_path)
     sock = tmp_path / "prod.qmp"
     proc = await asyncio.create_subprocess_exec(
@@ -400,6 +403,7 @@ async def start_tick_source(vms, tmp_path, ramdir, tick_guest, ticks: int = 10) 
 @pytest.mark.qemu
 async def test_switch_continues_guest_on_shadow(qemu_bin, tmp_path, ramdir, vms, tick_guest):
     """Full switch: the shadow (RAM = byte copy of the source's) continues the guest exactly."""
+    need_qemu(qemu_bin)
     src = await start_tick_source(vms, tmp_path, ramdir, tick_guest)
 
     stop = await src.stop()
@@ -451,6 +455,7 @@ async def test_switch_downtime_stop_to_resume(qemu_bin, tmp_path, ramdir, vms, t
     """Measure the switch's downtime: shadow already waiting, source STOP -> RAM copy (stands in
     for replicator's final sync, 128 MiB here) -> device state saved -> loaded -> shadow RESUME.
     Reported both with and without the RAM copy."""
+    need_qemu(qemu_bin)
     src = await start_tick_source(vms, tmp_path, ramdir, tick_guest, ticks=3)
     shadow = await launch(vms, make_spec("shadow", ramdir, tmp_path, kernel=tick_guest),
                           tmp_path, incoming="defer")
@@ -484,6 +489,7 @@ async def test_shadow_with_stale_ram_loads_anyway(qemu_bin, tmp_path, ramdir, vm
     device re-reads its option ROM from guest RAM on load and fails ("error while loading state
     for instance 0x0 of device 'kvm-tpr-opt'"). That is an accident, not a RAM check.
     """
+    need_qemu(qemu_bin)
     src = await start_tick_source(vms, tmp_path, ramdir, tick_guest, ticks=3)
     shutil.copyfile(ramdir / "src.ram", ramdir / "shadow.ram")  # stale: the guest runs on
     stale = tick_values((tmp_path / "src.serial").read_bytes())[-1]
@@ -516,6 +522,7 @@ async def test_shadow_with_stale_ram_loads_anyway(qemu_bin, tmp_path, ramdir, vm
 async def test_capability_mismatch_is_refused(qemu_bin, tmp_path, ramdir, vms, tick_guest):
     """A stream made without x-ignore-shared is refused by our layer before QEMU sees it; if it
     is forced on QEMU anyway, QEMU fails the load and we report its stderr reason."""
+    need_qemu(qemu_bin)
     src = await start_tick_source(vms, tmp_path, ramdir, tick_guest, ticks=2)
     await src.stop()
     # a plain migration stream (RAM included, no capabilities subsection), made by hand
@@ -557,6 +564,7 @@ async def test_capability_mismatch_is_refused(qemu_bin, tmp_path, ramdir, vms, t
 @pytest.mark.qemu
 async def test_device_state_caps_constant_matches_qemu(qemu_bin, tmp_path, ramdir, vms):
     """Every capability we force is one this QEMU knows (so none is silently skipped)."""
+    need_qemu(qemu_bin)
     vm = await launch(vms, make_spec("caps", ramdir, tmp_path), tmp_path, paused=True)
     assert await vm.status() == "prelaunch"  # -S without -incoming: never started yet
     known = {c["capability"] for c in await vm.execute("query-migrate-capabilities")}

@@ -57,6 +57,9 @@ class DomainDriver(abc.ABC):
     async def is_running(self) -> bool:
         ...
 
+    async def prepare_switch(self) -> None:
+        """Work that can happen before the pause (keeps it out of the downtime)."""
+
     async def save_device_state(self) -> bytes:
         """Device state to hand to the shadow (empty for domains without any)."""
         return b""

@@ -176,6 +176,7 @@ class Switcher:
             # 1. prepare
             report.phase = "prepare"
             await self._step(report, m.SwitchPrepare(report.switch_id, report.mode), "prepare")
+            await self.driver.prepare_switch()
             # 2. catch up while running (live)
             rep.pause_scanning()
             if report.mode == "live":

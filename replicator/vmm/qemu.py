@@ -720,8 +720,8 @@ class QemuProcess:
         """Ask QEMU to exit (QMP ``quit``), wait for it; kill it if it does not exit in time."""
         if self._alive():
             try:
-                await self._qmp.execute("quit")
-            except (QMPError, OSError, EOFError):
+                await asyncio.wait_for(self._qmp.execute("quit"), timeout)
+            except (QMPError, OSError, EOFError, asyncio.TimeoutError):
                 pass  # QEMU may hang up before or instead of answering
         await self._disconnect_quietly()
         if self._pid is None:

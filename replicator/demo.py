@@ -1,0 +1,265 @@
+"""``replicator demo``: a desktop VM and its laptop shadow on this machine, end to end.
+
+Starts two real daemons (``replicator run``) on 127.0.0.1 — the "desktop" launches a QEMU guest
+whose RAM is a shared file, the "laptop" keeps the shadow — shows the live lag while they
+replicate, presses "switch now" through the control API, shows the guest's counter continuing
+on the laptop's VM, and prints a report (``--json``: one final JSON line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import parse_size
+from .errors import ReplicatorError
+
+REPO = Path(__file__).resolve().parent.parent
+COUNTER_RE = re.compile(rb"COUNTER (\d+)")
+
+
+def ensure_guest(guest_dir: Path) -> tuple[Path, Path]:
+    kernel, initrd = guest_dir / "vmlinux", guest_dir / "initramfs.cpio.gz"
+    if not (kernel.exists() and initrd.exists()):
+        script = REPO / "deploy" / "build-guest.sh"
+        if not script.exists():
+            raise ReplicatorError(f"test guest missing in {guest_dir} and no {script} to build it")
+        print(f"building the test guest into {guest_dir} ...", flush=True)
+        subprocess.run(["bash", str(script), str(guest_dir)], check=True)
+    return kernel, initrd
+
+
+def counters(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in COUNTER_RE.findall(path.read_bytes())]
+    except FileNotFoundError:
+        return []
+
+
+def _toml(d: dict[str, Any], prefix: str = "") -> str:
+    """Tiny TOML writer for the demo's configs (tables of scalars and lists)."""
+    lines, tables = [], []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in tables:
+        name = f"{prefix}{k}"
+        out += f"\n[{name}]\n" + _toml(v, name + ".")
+    return out
+
+
+class Daemon:
+    def __init__(self, name: str, config: Path, state_dir: Path, log: Path):
+        self.name = name
+        self.config = config
+        self.state_dir = state_dir
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+        self.token = ""
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "replicator.cli", "run", "-c", str(self.config)],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=str(REPO),
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    async def wait_api(self, timeout: float = 60) -> None:
+        url_file = self.state_dir / "api-url"
+        end = time.monotonic() + timeout
+        while not url_file.exists():
+            if self.proc and self.proc.poll() is not None:
+                raise ReplicatorError(f"{self.name} daemon exited; see {self.log}:\n"
+                                      + self.log.read_text()[-2000:])
+            if time.monotonic() > end:
+                raise ReplicatorError(f"{self.name} daemon did not start; see {self.log}")
+            await asyncio.sleep(0.1)
+        self.url = url_file.read_text().strip()
+        self.token = (self.state_dir / "api-token").read_text().strip()
+
+    async def request(self, method: str, path: str, body: dict | None = None,
+                      timeout: float = 600) -> tuple[int, Any]:
+        from .cli import _request
+        return await _request(method, self.url, path, self.token, body, timeout)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+async def run_demo(args: argparse.Namespace) -> dict:
+    ram = parse_size(args.ram)
+    guest_dir = Path(args.guest_dir) if getattr(args, "guest_dir", None) else REPO / "build" / "guest"
+    kernel, initrd = ensure_guest(guest_dir)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="replicator-demo-",
+                                                                          dir="/dev/shm"))
+    work.mkdir(parents=True, exist_ok=True)
+    desk, lap = work / "desktop", work / "laptop"
+    desk.mkdir(exist_ok=True)
+    lap.mkdir(exist_ok=True)
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else \
+        (lambda *a: print(*a, flush=True))
+    accel = getattr(args, "accel", "tcg")
+    qemu = {"ram_size": ram, "vcpus": 1, "accel": accel, "kernel": str(kernel),
+            "initrd": str(initrd),
+            "append": f"console=ttyS0 quiet fill={args.fill} dirty={args.dirty:g}"}
+    lap_cfg = {
+        "node": {"name": "laptop", "role": "sink", "state_dir": str(lap)},
+        "domain": {"name": "demo", "driver": "qemu", "qemu": dict(qemu)},
+        "peer": {"listen": "127.0.0.1:0"}, "control": {"listen": "127.0.0.1:0"},
+    }
+    (work / "laptop.toml").write_text(_toml(lap_cfg))
+    sink = Daemon("laptop", work / "laptop.toml", lap, work / "laptop.log")
+    source: Daemon | None = None
+    result: dict[str, Any] = {"ram_bytes": ram, "mode": args.mode}
+    try:
+        say(f"replicator demo: {ram >> 20} MiB guest ({accel.upper()}), fill {args.fill}%, "
+            f"dirtying {args.dirty:g} MiB/s; work dir {work}")
+        sink.start()
+        await sink.wait_api()
+        _, st = await sink.request("GET", "/api/v1/status")
+        desk_cfg = {
+            "node": {"name": "desktop", "role": "source", "state_dir": str(desk)},
+            "domain": {"name": "demo", "driver": "qemu", "qemu": {
+                **qemu, "launch": True, "ram_path": str(desk / "guest-ram"),
+                "serial_log": str(desk / "serial.log")}},
+            "peer": {"address": st["listen"]}, "control": {"listen": "127.0.0.1:0"},
+        }
+        (work / "desktop.toml").write_text(_toml(desk_cfg))
+        source = Daemon("desktop", work / "desktop.toml", desk, work / "desktop.log")
+        source.start()
+        await source.wait_api(120)
+        say(f"desktop daemon {source.url}  laptop daemon {sink.url} (sink on {st['listen']})")
+        serial = desk / "serial.log"
+        t0 = time.monotonic()
+        while not counters(serial):
+            if time.monotonic() - t0 > 120:
+                raise ReplicatorError("the desktop guest printed no COUNTER within 120 s")
+            await asyncio.sleep(0.2)
+        say(f"desktop guest is up (COUNTER {counters(serial)[-1]} after "
+            f"{time.monotonic() - t0:.1f} s); replicating:")
+        say(f"{'t':>5}  {'lag':>10} {'pages':>7} {'lag s':>6}  {'dirty/s':>10}  "
+            f"{'link/s':>10}  {'est. downtime':>13}  sync")
+        t_rep = time.monotonic()
+        st = {}
+        while True:
+            await asyncio.sleep(1.0)
+            _, st = await source.request("GET", "/api/v1/status")
+            lag = st.get("lag") or {}
+            say(f"{time.monotonic() - t_rep:5.1f}  {_fmt_bytes(lag.get('bytes', 0)):>10} "
+                f"{lag.get('pages', 0):>7} {lag.get('seconds', 0):6.2f}  "
+                f"{_fmt_bytes(st.get('dirty_rate_bytes_per_second', 0)):>10}  "
+                f"{_fmt_bytes(st.get('throughput_bytes_per_second', 0)):>10}  "
+                f"{st.get('switch_estimate_seconds', 0) * 1000:10.0f} ms  "
+                f"{'yes' if st.get('in_sync') else 'no'}")
+            elapsed = time.monotonic() - t_rep
+            if elapsed >= args.replicate_seconds and st.get("acked_epoch", 0) > 0:
+                break
+            if elapsed > args.replicate_seconds + 120:
+                raise ReplicatorError("replication did not get going; see the daemon logs")
+        result["sent_bytes_before_switch"] = st["sent_bytes"]["wire"]
+        before = counters(serial)
+        say(f"switch now ({args.mode} mode); the desktop guest's counter is at {before[-1]}")
+        code, sw = await source.request("POST", "/api/v1/switch", {"mode": args.mode})
+        if code != 200:
+            raise ReplicatorError(f"switch failed: {sw.get('error')}")
+        counter_before = counters(serial)[-1]
+        shadow_serial = lap / "demo" / "shadow-serial.log"
+        t_wait = time.monotonic()
+        while len(counters(shadow_serial)) < 3 and time.monotonic() - t_wait < 30:
+            await asyncio.sleep(0.2)
+        after = counters(shadow_serial)
+        _, st_src = await source.request("GET", "/api/v1/status")
+        _, st_sink = await sink.request("GET", "/api/v1/status")
+        result.update({
+            "sent_bytes": st_src["sent_bytes"]["wire"],
+            "raw_bytes": st_src["sent_bytes"]["raw"],
+            "downtime_ms": round(sw["downtime_ms"], 2),
+            "time_to_switch_ms": round(sw["time_to_switch_ms"], 2),
+            "final_delta_pages": sw["final_delta_pages"],
+            "catchup_rounds": sw["catchup_rounds"],
+            "device_state_bytes": sw["device_state_bytes"],
+            "counter_before": counter_before,
+            "counter_after": after[0] if after else None,
+            "counter_continues": bool(after) and after[0] == counter_before + 1
+                                 and after == list(range(after[0], after[0] + len(after))),
+            "shadow_verified": sw["shadow_verified"],
+            "desktop_handed_over": st_src["handed_over"],
+            "laptop_runs_domain": st_sink["runs_domain"],
+        })
+        say("")
+        say("report")
+        say(f"  guest RAM             {_fmt_bytes(ram)}")
+        say(f"  sent (wire / raw)     {_fmt_bytes(result['sent_bytes'])} / "
+            f"{_fmt_bytes(result['raw_bytes'])}")
+        say(f"  mode                  {args.mode} ({sw['catchup_rounds']} catch-up rounds)")
+        say(f"  final delta           {sw['final_delta_pages']} pages, device state "
+            f"{_fmt_bytes(sw['device_state_bytes'])}")
+        say(f"  downtime              {sw['downtime_ms']:.1f} ms (desktop paused -> laptop "
+            f"running)")
+        say(f"  time to switch        {sw['time_to_switch_ms']:.1f} ms (request -> running)")
+        say(f"  shadow verified       {sw['shadow_verified']}")
+        say(f"  counter               desktop stopped at {counter_before}, laptop went on "
+            f"with {after[:5]}")
+        say(f"  desktop handed over   {st_src['handed_over']}; laptop runs the domain: "
+            f"{st_sink['runs_domain']}")
+        ok = result["counter_continues"] and st_src["handed_over"] and st_sink["runs_domain"]
+        say("  RESULT                " + ("the VM moved and kept running" if ok else "FAILED"))
+        result["ok"] = ok
+        return result
+    finally:
+        pid = None
+        try:
+            _, st_sink = await sink.request("GET", "/api/v1/status", timeout=5)
+            pid = (st_sink.get("shadow") or {}).get("pid")
+        except Exception:
+            pass
+        if source is not None:
+            source.stop()
+        sink.stop()
+        if pid:
+            # The laptop's VM outlives its daemon by design; the demo is over, so end it.
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not args.workdir and not getattr(args, "keep", False):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import uvloop
+        result = uvloop.run(run_demo(args))
+    except ImportError:  # pragma: no cover
+        result = asyncio.run(run_demo(args))
+    if args.json:
+        print(json.dumps(result), flush=True)
+    return 0 if result.get("ok") else 1

@@ -1,0 +1,136 @@
+"""The QEMU shadow: the same VM, started paused on the shadow image, waiting for a switch.
+
+Its guest RAM is the shadow store's ``ram0.img`` (``memory-backend-file,share=on``), which the
+receiver keeps writing while QEMU sits in ``-incoming defer -S``. At switch time it loads the
+device state (``x-ignore-shared``: RAM is already there) and is resumed only on commit.
+
+The VM definition comes from this host's config; fields the config leaves unset may come from
+the source's structured description (validated by :class:`VmSpec`; never a command line).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from ..config import Config
+from ..errors import DomainError, ProtocolError, QemuError
+from ..source.qemu_driver import DESCRIPTION_FIELDS, spec_from_config
+from ..vmm.qemu import RAM_BACKEND_ID, QemuProcess, VmSpec
+from .receiver import SinkReceiver
+from .switch import Shadow
+
+log = logging.getLogger(__name__)
+
+
+def parse_description(raw: bytes) -> dict[str, Any]:
+    """Decode the source's VM description, keeping only allow-listed fields."""
+    if not raw:
+        return {}
+    try:
+        desc = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ProtocolError(f"VM description is not valid msgpack: {exc}") from None
+    if not isinstance(desc, dict):
+        raise ProtocolError("VM description must be a map")
+    out: dict[str, Any] = {}
+    for k, v in desc.items():
+        if k not in DESCRIPTION_FIELDS or v is None:
+            continue
+        if k == "disks":
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ProtocolError("VM description: disks must be a list of paths")
+            v = tuple(Path(x) for x in v)
+        elif k in ("kernel", "initrd"):
+            if not isinstance(v, str):
+                raise ProtocolError(f"VM description: {k} must be a path")
+            v = Path(v)
+        out[k] = v
+    return out
+
+
+class QemuShadow(Shadow):
+    def __init__(self, cfg: Config, receiver: SinkReceiver):
+        self.cfg = cfg
+        self.receiver = receiver
+        self.proc: QemuProcess | None = None
+        self.running = False
+        self.workdir = Path(cfg.node.state_dir) / cfg.domain.name
+        self.serial_log = cfg.domain.qemu.serial_log or self.workdir / "shadow-serial.log"
+
+    def _spec(self, vm_description: bytes) -> VmSpec:
+        q = self.cfg.domain.qemu
+        desc = parse_description(vm_description)
+        # This host's config wins for everything it sets explicitly.
+        overrides = {k: v for k, v in desc.items()
+                     if k not in ("kernel", "initrd", "append") or not getattr(q, k)}
+        store = self.receiver.store
+        if store is None or RAM_BACKEND_ID not in store.regions:
+            raise DomainError("the shadow store has no ram0 region yet; wait for replication")
+        region = store.regions[RAM_BACKEND_ID]
+        overrides["ram_bytes"] = region.info.size
+        try:
+            return spec_from_config(self.cfg.domain.name, q, region.path, self.serial_log,
+                                    overrides)
+        except QemuError as exc:
+            raise DomainError(f"cannot describe the shadow VM: {exc}") from None
+
+    @staticmethod
+    def _check_disks(spec: VmSpec) -> None:
+        for disk in spec.disks:
+            if not os.access(disk, os.R_OK | os.W_OK):
+                raise DomainError(
+                    f"disk {disk} is not reachable read-write from this host; until disk "
+                    "replication exists, disks must live on storage both hosts reach at the "
+                    "same path")
+
+    async def prepare(self, vm_description: bytes) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            return
+        spec = self._spec(vm_description)
+        self._check_disks(spec)
+        log.info("starting shadow QEMU for %s (%d MiB on %s, paused, -incoming defer)",
+                 spec.name, spec.ram_bytes >> 20, spec.ram_path)
+        self.proc = await QemuProcess.launch(spec, self.workdir, incoming="defer")
+        await self.proc.prepare_load()
+
+    async def load_device_state(self, data: bytes) -> None:
+        if self.proc is None:
+            raise DomainError("shadow QEMU is not running")
+        result = await self.proc.load_device_state(data)
+        if result.status != "paused":
+            raise DomainError(f"shadow is {result.status!r} after loading, expected paused")
+
+    async def run(self) -> float:
+        if self.proc is None:
+            raise DomainError("shadow QEMU is not running")
+        ev = await self.proc.cont()
+        self.running = True
+        if ev is None:
+            import time
+            return time.time()
+        return ev.qemu_wall or ev.wall
+
+    async def abort(self) -> None:
+        # A shadow that loaded device state cannot take another stream: start afresh next time.
+        if self.proc is not None and not self.running:
+            await self.proc.close()
+            self.proc = None
+
+    def status(self) -> dict:
+        return {"kind": "qemu", "running": self.running,
+                "pid": self.proc.pid if self.proc else None,
+                "serial_log": str(self.serial_log)}
+
+    async def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.running:
+            # The domain runs here now: it must outlive this daemon, so leave it alone.
+            return
+        await self.proc.close()
+        self.proc = None

@@ -1,0 +1,131 @@
+"""The QEMU domain driver: a real VM whose RAM is a shared file, driven over QMP.
+
+The VM is either launched by the daemon from the config, or attached to by its QMP socket (the
+usual case: libvirt or a user's script owns the VM). Guest RAM must be a
+``memory-backend-file,share=on`` object: the tracker reads that file, and at switch time the
+device state moves by a migration with ``x-ignore-shared`` that skips it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, QemuConfig
+from ..errors import DomainError, QemuError
+from ..vmm.qemu import RAM_BACKEND_ID, QemuProcess, VmSpec
+from .driver import DomainDriver, Region
+
+log = logging.getLogger(__name__)
+
+# Fields of VmSpec the sink may take from the source's description (validated there again).
+DESCRIPTION_FIELDS = ("machine", "ram_bytes", "vcpus", "cpu_model", "kernel", "initrd",
+                      "append", "disks", "uuid")
+
+
+def resolve_accel(accel: str) -> str:
+    """``auto`` means KVM when /dev/kvm opens read-write; the config can force ``tcg``.
+
+    ``query-kvm`` alone is not trusted: on nested hosts KVM opens and reports enabled while
+    guests die with emulation failures, so such hosts must say ``accel = "tcg"``.
+    """
+    if accel != "auto":
+        return accel
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return "tcg"
+    os.close(fd)
+    return "kvm"
+
+
+def spec_from_config(name: str, q: QemuConfig, ram_path: Path, serial_log: Path | None,
+                     overrides: dict[str, Any] | None = None) -> VmSpec:
+    fields: dict[str, Any] = dict(
+        name=name, ram_bytes=q.ram_size, ram_path=ram_path, vcpus=q.vcpus,
+        accel=resolve_accel(q.accel), cpu_model=q.cpu_model or None,
+        kernel=q.kernel, initrd=q.initrd, append=q.append or None, disks=tuple(q.disks),
+        serial_log=serial_log)
+    if overrides:
+        fields.update(overrides)
+    return VmSpec(**fields)
+
+
+class QemuDriver(DomainDriver):
+    has_device_state = True
+
+    def __init__(self, cfg: Config, proc: QemuProcess, ram_path: Path, ram_size: int):
+        self.cfg = cfg
+        self.proc = proc
+        self.ram_path = ram_path
+        self.ram_size = ram_size
+        self.workdir = Path(cfg.node.state_dir) / cfg.domain.name
+
+    @classmethod
+    async def create(cls, cfg: Config) -> "QemuDriver":
+        q = cfg.domain.qemu
+        workdir = Path(cfg.node.state_dir) / cfg.domain.name
+        workdir.mkdir(parents=True, exist_ok=True)
+        if q.launch:
+            if q.ram_path is None:
+                raise DomainError("domain.qemu.ram_path is required to launch the VM")
+            spec = spec_from_config(cfg.domain.name, q, q.ram_path, q.serial_log)
+            proc = await QemuProcess.launch(spec, workdir)
+        else:
+            if q.qmp_socket is None:
+                raise DomainError("domain.qemu needs qmp_socket (attach) or launch = true")
+            proc = await QemuProcess.attach(q.qmp_socket, workdir=workdir)
+        try:
+            backends = await proc.shared_ram_backends()
+        except QemuError:
+            await proc.close()
+            raise
+        if RAM_BACKEND_ID not in backends or len(backends) != 1:
+            await proc.close()
+            raise DomainError(f"expected one shared RAM backend {RAM_BACKEND_ID!r}, found "
+                              f"{sorted(backends)}")
+        ram_path = Path(backends[RAM_BACKEND_ID])
+        size = (await proc.execute("qom-get", {"path": f"/objects/{RAM_BACKEND_ID}",
+                                                "property": "size"}))
+        log.info("QEMU domain %s: guest RAM %d MiB in %s", cfg.domain.name, int(size) >> 20,
+                 ram_path)
+        return cls(cfg, proc, ram_path, int(size))
+
+    async def regions(self) -> list[Region]:
+        return [Region(RAM_BACKEND_ID, self.ram_path, self.ram_size)]
+
+    async def prepare_switch(self) -> None:
+        """Set migration capabilities while the guest still runs (keeps them out of downtime)."""
+        await self.proc.prepare_save()
+
+    async def pause(self) -> None:
+        await self.proc.stop()
+
+    async def resume(self) -> None:
+        # A rollback after a completed device-state save leaves QEMU in postmigrate; we only
+        # get here when the sink never committed, so resuming is the right, single owner.
+        await self.proc.cont(allow_postmigrate=True)
+
+    async def is_running(self) -> bool:
+        return await self.proc.status() == "running"
+
+    async def save_device_state(self) -> bytes:
+        result = await self.proc.save_device_state(self.workdir / "device-state.bin")
+        return result.data
+
+    def vm_description(self) -> dict[str, Any]:
+        q = self.cfg.domain.qemu
+        return {
+            "machine": "q35", "ram_bytes": self.ram_size, "vcpus": q.vcpus,
+            "cpu_model": q.cpu_model or None,
+            "kernel": str(q.kernel) if q.kernel else None,
+            "initrd": str(q.initrd) if q.initrd else None,
+            "append": q.append or None,
+            "disks": [str(d) for d in q.disks],
+        }
+
+    async def close(self) -> None:
+        # An attached VM is left as it is; a VM we launched ends with the daemon that owns it.
+        await self.proc.close()
