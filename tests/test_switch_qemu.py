@@ -1,0 +1,186 @@
+"""End-to-end switches of a real QEMU guest (TCG here): desktop VM -> laptop shadow.
+
+The guest prints ``COUNTER n`` every 0.5 s; after a switch the shadow's console must continue
+the count (a reboot would restart it at 0; stale RAM would jump back or panic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from replicator.config import load_config
+from replicator.daemon import SinkNode, SourceNode
+from replicator.demo import counters
+from replicator.errors import SwitchError
+from replicator.vmm.qemu import QemuProcess
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.qemu
+GUEST = ROOT / "build" / "guest"
+RAM = 256 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def guest() -> tuple[Path, Path]:
+    kernel, initrd = GUEST / "vmlinux", GUEST / "initramfs.cpio.gz"
+    if not kernel.exists():
+        subprocess.run(["bash", str(ROOT / "deploy" / "build-guest.sh"), str(GUEST)], check=True)
+    return kernel, initrd
+
+
+def qemu_table(guest: tuple[Path, Path], **extra) -> dict:
+    kernel, initrd = guest
+    return {"ram_size": RAM, "accel": "tcg", "kernel": str(kernel), "initrd": str(initrd),
+            "append": "console=ttyS0 quiet fill=50 dirty=2", **extra}
+
+
+def sink_config(d: Path, guest, listen: str = "127.0.0.1:0"):
+    return load_config({"node": {"name": "laptop", "role": "sink", "state_dir": str(d / "lap")},
+                        "domain": {"name": "vm", "driver": "qemu", "qemu": qemu_table(guest)},
+                        "peer": {"listen": listen}})
+
+
+def source_config(d: Path, guest, port: int):
+    return load_config({
+        "node": {"name": "desktop", "role": "source", "state_dir": str(d / "desk")},
+        "domain": {"name": "vm", "driver": "qemu", "qemu": qemu_table(
+            guest, launch=True, ram_path=str(d / "desk-ram"), serial_log=str(d / "desk.log"))},
+        "peer": {"address": f"127.0.0.1:{port}"}})
+
+
+async def wait_until(cond, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def boot_and_sync(source: SourceNode, d: Path) -> None:
+    await wait_until(lambda: len(counters(d / "desk.log")) >= 2, 90, "the guest's counter")
+    await asyncio.wait_for(source.rep.connected.wait(), 30)
+    await wait_until(lambda: source.rep.ledger.acked_epoch >= 2, 60, "first acked epochs")
+
+
+def assert_continues(before: int, after: list[int]) -> None:
+    assert after, "the shadow printed no COUNTER after the switch"
+    assert after[0] == before + 1, f"desktop stopped at {before}, shadow went on at {after[0]}"
+    assert after == list(range(after[0], after[0] + len(after))), after
+
+
+@pytest.mark.parametrize("mode", ["live", "stop"])
+async def test_counter_continues_after_switch(shm_dir, guest, mode):
+    sink = SinkNode(sink_config(shm_dir, guest))
+    await sink.start()
+    source = SourceNode(source_config(shm_dir, guest, sink.address[1]))
+    try:
+        await source.start()
+        await boot_and_sync(source, shm_dir)
+        result = await source.switch(mode)
+        assert result["result"] == "ok" and result["shadow_verified"]
+        before = counters(shm_dir / "desk.log")[-1]
+        shadow_log = shm_dir / "lap" / "vm" / "shadow-serial.log"
+        await wait_until(lambda: len(counters(shadow_log)) >= 3, 30, "the shadow's counter")
+        assert_continues(before, counters(shadow_log))
+        # Exactly one runs: the desktop is paused for good, the laptop runs.
+        assert await source.driver.proc.status() == "postmigrate"
+        assert await sink.switch_handler.shadow.proc.status() == "running"
+        assert result["downtime_ms"] > 0
+        assert result["time_to_switch_ms"] >= result["downtime_ms"]
+    finally:
+        await source.stop()
+        shadow = sink.switch_handler.shadow
+        await sink.stop()
+        if shadow.proc is not None:
+            await shadow.proc.kill()
+
+
+async def test_switch_refused_when_shadow_not_verified(shm_dir, guest):
+    sink = SinkNode(sink_config(shm_dir, guest))
+    await sink.start()
+    source = SourceNode(source_config(shm_dir, guest, sink.address[1]))
+    try:
+        await source.start()
+        await boot_and_sync(source, shm_dir)
+        sink.receiver.store.regions["ram0"].hashes[1234] ^= 1    # shadow no longer trusted
+        with pytest.raises(SwitchError, match="differs from the source"):
+            await source.switch("stop")
+        assert await source.driver.proc.status() == "running"
+        shadow = sink.switch_handler.shadow
+        # The sink discards the shadow that took part in a failed switch; it never ran.
+        await wait_until(lambda: shadow.proc is None, 10, "the sink to abort its shadow")
+        assert not shadow.running
+        n = len(counters(shm_dir / "desk.log"))
+        await wait_until(lambda: len(counters(shm_dir / "desk.log")) > n + 1, 10,
+                         "the desktop guest to keep counting")
+    finally:
+        await source.stop()
+        await sink.stop()
+
+
+async def test_rollback_when_sink_dies_before_commit(shm_dir, guest):
+    """kill -9 of the sink daemon after the device state went out: the desktop resumes."""
+    cfg = sink_config(shm_dir, guest, listen="127.0.0.1:0")
+    from replicator.demo import _toml
+    toml = _toml({"node": {"name": "laptop", "role": "sink", "state_dir": str(shm_dir / "lap")},
+                  "domain": {"name": "vm", "driver": "qemu", "qemu": {
+                      k: (str(v) if isinstance(v, Path) else v)
+                      for k, v in qemu_table(guest).items()}},
+                  "peer": {"listen": "127.0.0.1:0"}, "control": {"listen": "127.0.0.1:0"}})
+    (shm_dir / "lap.toml").write_text(toml)
+    proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "run", "-c",
+                             str(shm_dir / "lap.toml")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=open(shm_dir / "lap.err", "wb"))
+    source = None
+    try:
+        await wait_until(lambda: (shm_dir / "lap" / "api-url").exists(), 30, "sink daemon")
+        from replicator.cli import _request
+        _, st = await _request("GET", (shm_dir / "lap" / "api-url").read_text().strip(),
+                               "/api/v1/status")
+        port = int(st["listen"].rsplit(":", 1)[1])
+        source = SourceNode(source_config(shm_dir, guest, port))
+        await source.start()
+        await boot_and_sync(source, shm_dir)
+        real_save = source.driver.save_device_state
+
+        async def save_then_kill_sink() -> bytes:
+            data = await real_save()
+            proc.send_signal(signal.SIGKILL)       # the laptop vanishes mid-switch
+            proc.wait()
+            return data
+
+        source.driver.save_device_state = save_then_kill_sink
+        with pytest.raises(SwitchError) as exc:
+            await source.switch("live")
+        assert exc.value.rolled_back
+        assert await source.driver.proc.status() == "running"
+        assert not (shm_dir / "desk" / "vm" / "handed-over.json").exists()
+        n = len(counters(shm_dir / "desk.log"))
+        await wait_until(lambda: len(counters(shm_dir / "desk.log")) > n + 1, 10,
+                         "the desktop guest to keep counting")
+        # The orphaned shadow never ran.
+        qmp = shm_dir / "lap" / "vm" / "vm.qmp"
+        if qmp.exists():
+            try:
+                shadow = await QemuProcess.attach(qmp, timeout=5)
+            except Exception:
+                shadow = None
+            if shadow is not None:
+                assert await shadow.status() in ("inmigrate", "paused", "prelaunch")
+                await shadow.kill()
+                await shadow.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if source is not None:
+            await source.stop()
