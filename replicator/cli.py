@@ -197,6 +197,51 @@ def cmd_switch(args: argparse.Namespace) -> int:
         raise ReplicatorError(f"cannot reach the daemon at {url}: {exc}") from None
 
 
+def cmd_id(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .identity import Identity
+    cfg = load_config(args.config)
+    directory = cfg.node.identity_dir or Path(cfg.node.state_dir) / "identity"
+    print(Identity.load_or_create(Path(directory), cfg.node.name).node_id)
+    return 0
+
+
+def set_peer_id(config_path: Path, peer_id: str) -> None:
+    """Record the peer's ID under [peer] in the TOML file, keeping everything else as it is."""
+    import re
+    text = config_path.read_text() if config_path.exists() else ""
+    line = f'id = "{peer_id}"'
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.strip() == "[peer]"), None)
+    if start is None:
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + f"[peer]\n{line}\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines))
+                    if lines[i].lstrip().startswith("[")), len(lines))
+        for i in range(start + 1, end):
+            if re.match(r"\s*id\s*=", lines[i]):
+                lines[i] = line
+                break
+        else:
+            lines.insert(start + 1, line)
+        text = "\n".join(lines) + "\n"
+    tmp = config_path.with_suffix(config_path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, config_path)
+
+
+def cmd_pair(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .identity import normalize_id
+    peer_id = normalize_id(args.peer_id)
+    path = Path(args.config)
+    load_config(path)                      # refuse to edit a file that is already broken
+    set_peer_id(path, peer_id)
+    load_config(path)
+    print(f"paired with {peer_id} (recorded in {path}); restart or reload the daemon")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
     return demo_main(args)
@@ -222,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run the daemon (source or sink, per the config)")
     with_config(sp)
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("id", help="print this node's ID (creating its key on first use)")
+    with_config(sp)
+    sp.set_defaults(func=cmd_id)
+
+    sp = sub.add_parser("pair", help="record the peer's ID; only that peer is accepted")
+    with_config(sp)
+    sp.add_argument("peer_id", help="the ID `replicator id` printed on the peer")
+    sp.set_defaults(func=cmd_pair)
 
     sp = sub.add_parser("status", help="show replication state")
     with_api(sp)

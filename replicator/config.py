@@ -68,6 +68,7 @@ class NodeConfig:
     name: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
     role: Literal["source", "sink"] = "source"
     state_dir: Path = Path("/var/lib/replicator")
+    identity_dir: Path | None = None        # key + certificate; default <state_dir>/identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,8 @@ class PeerConfig:
     """The replication link. The sink listens, the source connects."""
     address: str = "127.0.0.1:7400"         # source: where the sink listens
     listen: str = "127.0.0.1:7400"          # sink: where to listen
+    id: str = ""                            # the paired peer's node ID (replicator pair)
+    insecure_plaintext: bool = False        # tests only: no TLS, no authentication
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +233,12 @@ def _validate(cfg: Config, path: str | None) -> None:
         bad("stream.scan_interval_max", "need 0 < scan_interval_min <= scan_interval_max")
     if s.max_inflight_epochs < 1:
         bad("stream.max_inflight_epochs", "must be at least 1")
+    if cfg.peer.id:
+        from .identity import normalize_id
+        try:
+            normalize_id(cfg.peer.id)
+        except Exception as exc:
+            bad("peer.id", str(exc))
     parse_address(cfg.peer.address, key="peer.address", path=path)
     parse_address(cfg.peer.listen, key="peer.listen", path=path)
     if not cfg.control.listen.startswith("unix:"):

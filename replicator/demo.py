@@ -130,10 +130,14 @@ async def run_demo(args: argparse.Namespace) -> dict:
     qemu = {"ram_size": ram, "vcpus": 1, "accel": accel, "kernel": str(kernel),
             "initrd": str(initrd),
             "append": f"console=ttyS0 quiet fill={args.fill} dirty={args.dirty:g}"}
+    # Pairing, as `replicator id` + `replicator pair` would do on two machines.
+    from .identity import Identity
+    desk_id = Identity.load_or_create(desk / "identity", "desktop").node_id
+    lap_id = Identity.load_or_create(lap / "identity", "laptop").node_id
     lap_cfg = {
         "node": {"name": "laptop", "role": "sink", "state_dir": str(lap)},
         "domain": {"name": "demo", "driver": "qemu", "qemu": dict(qemu)},
-        "peer": {"listen": "127.0.0.1:0"}, "control": {"listen": "127.0.0.1:0"},
+        "peer": {"listen": "127.0.0.1:0", "id": desk_id}, "control": {"listen": "127.0.0.1:0"},
     }
     (work / "laptop.toml").write_text(_toml(lap_cfg))
     sink = Daemon("laptop", work / "laptop.toml", lap, work / "laptop.log")
@@ -150,13 +154,15 @@ async def run_demo(args: argparse.Namespace) -> dict:
             "domain": {"name": "demo", "driver": "qemu", "qemu": {
                 **qemu, "launch": True, "ram_path": str(desk / "guest-ram"),
                 "serial_log": str(desk / "serial.log")}},
-            "peer": {"address": st["listen"]}, "control": {"listen": "127.0.0.1:0"},
+            "peer": {"address": st["listen"], "id": lap_id},
+            "control": {"listen": "127.0.0.1:0"},
         }
         (work / "desktop.toml").write_text(_toml(desk_cfg))
         source = Daemon("desktop", work / "desktop.toml", desk, work / "desktop.log")
         source.start()
         await source.wait_api(120)
         say(f"desktop daemon {source.url}  laptop daemon {sink.url} (sink on {st['listen']})")
+        say(f"paired over TLS: desktop {desk_id[:14]}...  laptop {lap_id[:14]}...")
         serial = desk / "serial.log"
         t0 = time.monotonic()
         while not counters(serial):

@@ -70,6 +70,14 @@ def workload():
         w.stop()
 
 
+def pair_ids(source_state: Path, sink_state: Path) -> tuple[str, str]:
+    """Create both nodes' identities (as on first run) and return (source ID, sink ID)."""
+    from replicator.identity import Identity
+    src = Identity.load_or_create(source_state / "identity", "desktop")
+    snk = Identity.load_or_create(sink_state / "identity", "laptop")
+    return src.node_id, snk.node_id
+
+
 def file_configs(d: Path, *, domain: str = "vm1", pid: int | None = None,
                  stream: dict | None = None, sink_listen: str = "127.0.0.1:0",
                  source_extra: dict | None = None) -> tuple[Config, Config]:
@@ -78,11 +86,14 @@ def file_configs(d: Path, *, domain: str = "vm1", pid: int | None = None,
     if pid is not None:
         (d / "wl.pid").write_text(str(pid))
         dom["pid_file"] = str(d / "wl.pid")
+    source_id, sink_id = pair_ids(d / "source", d / "sink")
     sink = load_config({"node": {"name": "laptop", "role": "sink", "state_dir": str(d / "sink")},
-                        "domain": {"name": domain}, "peer": {"listen": sink_listen},
+                        "domain": {"name": domain},
+                        "peer": {"listen": sink_listen, "id": source_id},
                         "stream": stream or {}})
     src = {"node": {"name": "desktop", "role": "source", "state_dir": str(d / "source")},
-           "domain": dom, "peer": {"address": "127.0.0.1:1"}, "stream": stream or {}}
+           "domain": dom, "peer": {"address": "127.0.0.1:1", "id": sink_id},
+           "stream": stream or {}}
     src.update(source_extra or {})
     return sink, load_config(src)
 

@@ -22,7 +22,7 @@ from replicator.demo import counters
 from replicator.errors import SwitchError
 from replicator.vmm.qemu import QemuProcess
 
-from .conftest import ROOT
+from .conftest import ROOT, pair_ids
 
 pytestmark = pytest.mark.qemu
 GUEST = ROOT / "build" / "guest"
@@ -44,17 +44,19 @@ def qemu_table(guest: tuple[Path, Path], **extra) -> dict:
 
 
 def sink_config(d: Path, guest, listen: str = "127.0.0.1:0"):
+    source_id, _ = pair_ids(d / "desk", d / "lap")
     return load_config({"node": {"name": "laptop", "role": "sink", "state_dir": str(d / "lap")},
                         "domain": {"name": "vm", "driver": "qemu", "qemu": qemu_table(guest)},
-                        "peer": {"listen": listen}})
+                        "peer": {"listen": listen, "id": source_id}})
 
 
 def source_config(d: Path, guest, port: int):
+    _, sink_id = pair_ids(d / "desk", d / "lap")
     return load_config({
         "node": {"name": "desktop", "role": "source", "state_dir": str(d / "desk")},
         "domain": {"name": "vm", "driver": "qemu", "qemu": qemu_table(
             guest, launch=True, ram_path=str(d / "desk-ram"), serial_log=str(d / "desk.log"))},
-        "peer": {"address": f"127.0.0.1:{port}"}})
+        "peer": {"address": f"127.0.0.1:{port}", "id": sink_id}})
 
 
 async def wait_until(cond, timeout: float, what: str) -> None:
@@ -136,7 +138,8 @@ async def test_rollback_when_sink_dies_before_commit(shm_dir, guest):
                   "domain": {"name": "vm", "driver": "qemu", "qemu": {
                       k: (str(v) if isinstance(v, Path) else v)
                       for k, v in qemu_table(guest).items()}},
-                  "peer": {"listen": "127.0.0.1:0"}, "control": {"listen": "127.0.0.1:0"}})
+                  "peer": {"listen": "127.0.0.1:0", "id": cfg.peer.id},
+                  "control": {"listen": "127.0.0.1:0"}})
     (shm_dir / "lap.toml").write_text(toml)
     proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "run", "-c",
                              str(shm_dir / "lap.toml")], cwd=ROOT,

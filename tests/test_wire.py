@@ -301,7 +301,7 @@ def test_fuzz_arbitrary_bytes_only_protocol_errors(data, chunk):
         pass
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bodies=st.lists(st.binary(max_size=200), min_size=1, max_size=4),
        type_ids=st.lists(st.sampled_from([c.TYPE for c in m.MESSAGE_TYPES]), min_size=4,
                          max_size=4))
@@ -385,13 +385,13 @@ def _conforms(v, tp) -> bool:
     raise TypeError(tp)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(msg=messages_st)
 def test_fuzz_round_trip_any_valid_message(msg):
     assert decode_all(encode(msg)) == [msg]
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(msg=messages_st, data=st.data())
 def test_fuzz_mutated_fields(msg, data):
     body = msgpack.unpackb(encode(msg)[4:])

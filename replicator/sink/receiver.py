@@ -19,6 +19,7 @@ from typing import Any
 from ..config import Config, parse_address
 from ..errors import (IntegrityError, LayoutMismatch, PeerError, ProtocolError, ReplicatorError,
                       StoreError)
+from ..identity import authenticate_client, identity_for, pinned_peer
 from ..link import Link
 from ..metrics import Metrics
 from ..wire import messages as m
@@ -53,12 +54,16 @@ class SinkReceiver:
         self._server: asyncio.base_events.Server | None = None
         self._busy = asyncio.Lock()
         self._last_batch_at = 0.0
+        self.identity = identity_for(cfg)
+        self._pinned = pinned_peer(cfg) if self.identity is not None else ""
 
     # --- server --------------------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
         host, port = parse_address(self.cfg.peer.listen, key="peer.listen")
-        self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20)
+        ssl_ctx = self.identity.server_context() if self.identity is not None else None
+        self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20,
+                                                  ssl=ssl_ctx, ssl_handshake_timeout=PEER_TIMEOUT)
         sock = self._server.sockets[0].getsockname()
         log.info("sink listening on %s:%d for domain %s", sock[0], sock[1], self.cfg.domain.name)
         return sock[0], sock[1]
@@ -78,6 +83,15 @@ class SinkReceiver:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         link = Link(reader, writer, self.cfg.stream.max_frame_bytes)
+        if self.identity is not None:
+            try:
+                await authenticate_client(link, self.identity, self._pinned, PEER_TIMEOUT)
+            except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
+                self.last_error = f"refused {link.peer}: {exc or 'authentication timed out'}"
+                log.warning("%s", self.last_error)
+                self.metrics.frames_rejected.inc()
+                await link.close()
+                return
         if self._busy.locked():
             await _reject(link, "another source is already replicating this domain")
             return

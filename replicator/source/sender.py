@@ -27,6 +27,7 @@ import numpy as np
 
 from ..config import PAGE_SIZE, Config, parse_address
 from ..errors import PeerError, PeerRejected, ProtocolError, ReplicatorError
+from ..identity import authenticate_to_server, identity_for, pinned_peer
 from ..link import Link, RateLimiter
 from ..metrics import Metrics
 from ..pagefile import read_pages
@@ -62,6 +63,9 @@ class SourceReplicator:
         self.sink_handed_over = False
         self.last_error = ""
         self._connect = connect or self._tcp_connect
+        self.identity = identity_for(cfg)
+        self._pinned = pinned_peer(cfg) if self.identity is not None else ""
+        self._ssl = self.identity.client_context() if self.identity is not None else None
         self._compressor = Compressor(cfg.stream.compression, cfg.stream.zstd_level)
         self._fds = {r.name: os.open(r.path, os.O_RDONLY | os.O_CLOEXEC) for r in regions}
         self._buf = bytearray(cfg.stream.batch_pages * PAGE_SIZE)
@@ -84,7 +88,10 @@ class SourceReplicator:
 
     async def _tcp_connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, port = parse_address(self.cfg.peer.address, key="peer.address")
-        return await asyncio.open_connection(host, port, limit=1 << 20)
+        if self.identity is None:
+            return await asyncio.open_connection(host, port, limit=1 << 20)
+        return await asyncio.wait_for(asyncio.open_connection(
+            host, port, limit=1 << 20, ssl=self._ssl, server_hostname=host), PEER_TIMEOUT)
 
     async def run(self) -> None:
         """Keep replicating until cancelled; reconnects after any link or peer failure."""
@@ -93,8 +100,9 @@ class SourceReplicator:
         while True:
             try:
                 reader, writer = await self._connect()
-            except OSError as exc:
-                self.last_error = f"cannot reach sink at {self.cfg.peer.address}: {exc.strerror or exc}"
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                self.last_error = f"cannot reach sink at {self.cfg.peer.address}: {reason}"
                 log.warning("%s; retrying in %.1fs", self.last_error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -137,6 +145,8 @@ class SourceReplicator:
             self._acked.notify_all()
 
     async def _handshake(self, link: Link) -> None:
+        if self.identity is not None:
+            await authenticate_to_server(link, self.identity, self._pinned, PEER_TIMEOUT)
         hello = m.Hello(
             version=m.PROTOCOL_VERSION, node=self.cfg.node.name, domain=self.cfg.domain.name,
             regions=tuple(m.RegionInfo(r.name, r.size, PAGE_SIZE) for r in self.regions),

@@ -5,8 +5,10 @@ checked on decode against the annotations, so a hostile peer cannot smuggle a di
 are expected. Page indices travel as little-endian ``uint32`` arrays and page hashes as
 little-endian ``uint64`` arrays packed into ``bytes``: one msgpack object per batch, not per page.
 
-Conversation (source connects, sink listens)::
+Conversation (source connects, sink listens; TLS 1.3 with pinned IDs, see ``identity``)::
 
+    sink   -> AuthChallenge         fresh nonce; the source already pinned the sink's certificate
+    source -> AuthProof             its certificate + signature: the sink pins the source's ID
     source -> Hello                 layout of the domain, protocol version
     sink   -> Welcome | Reject      acked epoch; followed by ManifestChunk* + ManifestEnd
     source -> PageBatch* EpochEnd   repeated; each EpochEnd is answered by Ack once durable
@@ -196,8 +198,26 @@ class SwitchAbort:
     reason: str
 
 
+# --- authentication (inside TLS, before Hello) ------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AuthChallenge:
+    """Sink -> source: prove you hold the key of the paired source's certificate."""
+    TYPE: ClassVar[int] = 30
+    nonce: bytes
+    server_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthProof:
+    """Source -> sink: its certificate and a signature over the nonce and both IDs."""
+    TYPE: ClassVar[int] = 31
+    cert: bytes
+    signature: bytes
+
+
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Reject, ManifestChunk, ManifestEnd, PageBatch, EpochEnd, Ack, Ping, Pong,
     VerifyRequest, VerifyReply, ErrorMessage, SwitchPrepare, SwitchReady, SwitchVerify,
-    DeviceState, SwitchCommit, SwitchResult, SwitchAbort,
+    DeviceState, SwitchCommit, SwitchResult, SwitchAbort, AuthChallenge, AuthProof,
 )

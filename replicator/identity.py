@@ -1,0 +1,194 @@
+"""Node identity and peer authentication.
+
+Each node has its own key pair and self-signed certificate, generated on first use (0600). Its
+**ID** is the SHA-256 of the certificate, in base32, grouped for reading aloud (like Syncthing
+device IDs): ``MFRG-GZDF-...``. Pairing records the peer's ID in the config.
+
+The link is TLS 1.3. The source (client) pins the sink's ID: the certificate the sink presents
+must hash to it. The sink pins the source's ID the same way, but Python's ``ssl`` cannot ask for
+a client certificate without verifying it against a CA, so the source proves its identity inside
+the pinned, encrypted session: it sends its certificate and a signature over a fresh nonce of the
+sink's plus both IDs. Only the holder of the source's key can produce it, and only for this
+session (the nonce is fresh and the channel is already authenticated to the pinned sink).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from .errors import PeerError, ReplicatorError
+
+AUTH_CONTEXT = b"replicator-auth-v1"
+
+
+def format_id(cert_der: bytes) -> str:
+    """The human-checkable ID of a certificate: base32(SHA-256), in groups of four."""
+    b32 = base64.b32encode(hashlib.sha256(cert_der).digest()).decode().rstrip("=")
+    return "-".join(b32[i:i + 4] for i in range(0, len(b32), 4))
+
+
+def normalize_id(text: str) -> str:
+    """Accept IDs typed with or without dashes, in any case."""
+    raw = "".join(ch for ch in text.upper() if ch.isalnum())
+    if len(raw) != 52:
+        raise ReplicatorError(f"not a node ID (expected 52 base32 characters): {text!r}")
+    try:
+        base64.b32decode(raw + "====")
+    except ValueError:
+        raise ReplicatorError(f"not a node ID (not base32): {text!r}") from None
+    return "-".join(raw[i:i + 4] for i in range(0, 52, 4))
+
+
+@dataclass(frozen=True)
+class Identity:
+    key_path: Path
+    cert_path: Path
+    cert_der: bytes
+
+    @property
+    def node_id(self) -> str:
+        return format_id(self.cert_der)
+
+    @classmethod
+    def load_or_create(cls, directory: Path, common_name: str = "replicator") -> "Identity":
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_path, cert_path = directory / "node.key", directory / "node.crt"
+        if not key_path.exists() or not cert_path.exists():
+            key = ec.generate_private_key(ec.SECP256R1())
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+            now = datetime.datetime.now(datetime.timezone.utc)
+            cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                    .public_key(key.public_key())
+                    .serial_number(x509.random_serial_number())
+                    .not_valid_before(now - datetime.timedelta(days=1))
+                    .not_valid_after(now + datetime.timedelta(days=3650))
+                    .sign(key, hashes.SHA256()))
+            _write_private(key_path, key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+            _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        return cls(key_path, cert_path, cert.public_bytes(serialization.Encoding.DER))
+
+    def _key(self) -> ec.EllipticCurvePrivateKey:
+        key = serialization.load_pem_private_key(self.key_path.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return key
+
+    # --- TLS contexts ------------------------------------------------------------------------
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(self.cert_path, self.key_path)
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        # The peer's certificate is self-signed: it is checked by pinning its ID instead.
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    # --- client proof ------------------------------------------------------------------------
+
+    def sign_proof(self, nonce: bytes, server_id: str) -> bytes:
+        msg = AUTH_CONTEXT + nonce + server_id.encode() + self.node_id.encode()
+        return self._key().sign(msg, ec.ECDSA(hashes.SHA256()))
+
+
+def peer_id_of(ssl_object: ssl.SSLObject | None) -> str:
+    """ID of the certificate the TLS peer presented."""
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise PeerError("the peer presented no certificate")
+    return format_id(der)
+
+
+def verify_proof(cert_der: bytes, signature: bytes, nonce: bytes, server_id: str) -> str:
+    """Check a client's proof; returns the client's ID."""
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        pub = cert.public_key()
+        client_id = format_id(cert_der)
+        if not isinstance(pub, ec.EllipticCurvePublicKey):
+            raise PeerError("peer certificate does not hold an EC key")
+        pub.verify(signature, AUTH_CONTEXT + nonce + server_id.encode() + client_id.encode(),
+                   ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise PeerError("the peer's identity proof does not verify") from None
+    except ValueError as exc:
+        raise PeerError(f"the peer's certificate is unreadable: {exc}") from None
+    return client_id
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+# --- the link handshake ----------------------------------------------------------------------------
+
+def identity_for(cfg) -> "Identity | None":
+    """The node's identity per config, or None when the link is configured as plaintext."""
+    if cfg.peer.insecure_plaintext:
+        return None
+    directory = cfg.node.identity_dir or Path(cfg.node.state_dir) / "identity"
+    return Identity.load_or_create(Path(directory), cfg.node.name)
+
+
+def pinned_peer(cfg) -> str:
+    from .errors import ConfigError
+    if not cfg.peer.id:
+        raise ConfigError("not paired: set the peer's ID (run `replicator id` on the peer, then "
+                          "`replicator pair ID` here)", path=cfg.source_path, key="peer.id")
+    return normalize_id(cfg.peer.id)
+
+
+async def authenticate_to_server(link, identity: Identity, pinned: str, timeout: float) -> None:
+    """Client side: check the server's pinned ID, then prove ours."""
+    import asyncio
+
+    from .errors import PeerRejected
+    from .wire import messages as m
+    presented = peer_id_of(link.writer.get_extra_info("ssl_object"))
+    if presented != pinned:
+        raise PeerRejected(f"{link.peer} presented ID {presented}, not the paired peer {pinned}")
+    challenge = await asyncio.wait_for(link.recv(), timeout)
+    if not isinstance(challenge, m.AuthChallenge) or len(challenge.nonce) != 32:
+        raise PeerError(f"expected an authentication challenge from {link.peer}")
+    if challenge.server_id != pinned:
+        raise PeerRejected(f"{link.peer} claims ID {challenge.server_id}, presented {pinned}")
+    await link.send(m.AuthProof(identity.cert_der,
+                                identity.sign_proof(challenge.nonce, challenge.server_id)))
+
+
+async def authenticate_client(link, identity: Identity, pinned: str, timeout: float) -> str:
+    """Server side: challenge the client and check it is the paired peer. Returns its ID."""
+    import asyncio
+
+    from .errors import PeerRejected
+    from .wire import messages as m
+    nonce = os.urandom(32)
+    await link.send(m.AuthChallenge(nonce, identity.node_id))
+    proof = await asyncio.wait_for(link.recv(), timeout)
+    if not isinstance(proof, m.AuthProof):
+        raise PeerRejected(f"{link.peer} did not authenticate (sent {type(proof).__name__})")
+    client_id = verify_proof(proof.cert, proof.signature, nonce, identity.node_id)
+    if client_id != pinned:
+        raise PeerRejected(f"{link.peer} presented ID {client_id}, not the paired peer {pinned}")
+    return client_id
