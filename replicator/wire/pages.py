@@ -21,6 +21,7 @@ PAGE_SIZE = 4096
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_HASH = xxhash.xxh3_64_intdigest(ZERO_PAGE)
 CODECS = ("zstd", "lz4", "none")
+MAX_BATCH_PAGES = 4096          # matches config's batch_pages limit; bounds decompression
 
 _hash = xxhash.xxh3_64_intdigest
 
@@ -119,10 +120,16 @@ def decode_batch(batch: PageBatch, npages: int) -> DecodedBatch:
         raise MalformedFrame("one hash per page expected")
     if batch.raw_len != len(pages) * PAGE_SIZE:
         raise MalformedFrame("raw_len does not match the page count")
+    if len(pages) + len(zero) > MAX_BATCH_PAGES:
+        raise MalformedFrame(f"batch of {len(pages) + len(zero)} pages exceeds {MAX_BATCH_PAGES}")
     if (len(zero) and int(zero.max()) >= npages) or (len(pages) and int(pages.max()) >= npages):
         raise MalformedFrame("page index beyond the end of the region")
     if batch.codec == "zstd":
         try:
+            # A frame may declare any content size; refuse before zstd allocates for it.
+            declared = zstandard.frame_content_size(batch.payload) if pages.size else 0
+            if declared > batch.raw_len:
+                raise MalformedFrame("zstd payload declares more than raw_len bytes")
             data = _zd.decompress(batch.payload, max_output_size=batch.raw_len) if pages.size else b""
         except zstandard.ZstdError as exc:
             raise MalformedFrame(f"zstd payload: {exc}") from None
