@@ -45,7 +45,9 @@ def parse_size(value: int | str, *, key: str = "size", path: str | None = None) 
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            number = float(m.group(1)) * _UNITS[m.group(2).lower()]
+            if number != float("inf"):
+                return int(number)
         raise ConfigError(f"cannot parse size {value!r} (examples: 4096, '512MiB', '1G')",
                           path=path, key=key)
     raise ConfigError(f"expected a size, got {type(value).__name__}", path=path, key=key)
@@ -129,7 +131,15 @@ class PeerConfig:
     address: str = "127.0.0.1:7400"         # source: where the sink listens
     listen: str = "127.0.0.1:7400"          # sink: where to listen
     id: str = ""                            # the paired peer's node ID (replicator pair)
+    timeout: float = 10.0                   # silence after which the link counts as lost
     insecure_plaintext: bool = False        # tests only: no TLS, no authentication
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchConfig:
+    """How switches behave."""
+    target_downtime: float = 0.05           # live mode: catch up until the final delta fits
+    step_timeout: float = 60.0              # longest wait for one step's answer from the sink
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +155,7 @@ class Config:
     domain: DomainConfig = field(default_factory=DomainConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
+    switch: SwitchConfig = field(default_factory=SwitchConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     source_path: str | None = None
 
@@ -239,6 +250,12 @@ def _validate(cfg: Config, path: str | None) -> None:
             normalize_id(cfg.peer.id)
         except Exception as exc:
             bad("peer.id", str(exc))
+    if cfg.peer.timeout < 1:
+        bad("peer.timeout", "must be at least 1 second")
+    if cfg.switch.step_timeout <= 0:
+        bad("switch.step_timeout", "must be positive")
+    if cfg.switch.target_downtime <= 0:
+        bad("switch.target_downtime", "must be positive")
     parse_address(cfg.peer.address, key="peer.address", path=path)
     parse_address(cfg.peer.listen, key="peer.listen", path=path)
     if not cfg.control.listen.startswith("unix:"):
@@ -275,7 +292,7 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> Config:
             raise ConfigError("file not found", path=path) from None
         except OSError as exc:
             raise ConfigError(f"cannot read: {exc.strerror}", path=path) from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"not valid TOML: {exc}", path=path) from None
     cfg = _build(Config, table, "", path)
     cfg = dataclasses.replace(cfg, source_path=path)

@@ -36,6 +36,12 @@ def sd_notify(state: str) -> None:
         s.sendall(state.encode())
 
 
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %r", task.get_name(), task.exception(),
+                  exc_info=task.exception())
+
+
 class SourceNode:
     """The desktop side: replicates its domain and performs switches."""
 
@@ -68,13 +74,16 @@ class SourceNode:
         tracker = ScanTracker(regions)
         self.rep = SourceReplicator(cfg, self.driver, regions, tracker, self.metrics)
         state = HandoverState(Path(cfg.node.state_dir) / cfg.domain.name / "handed-over.json")
-        self.switcher = Switcher(self.rep, self.driver, state)
+        self.switcher = Switcher(self.rep, self.driver, state,
+                                 target_downtime=cfg.switch.target_downtime,
+                                 step_timeout=cfg.switch.step_timeout)
         if self.switcher.handed_over:
             self.metrics.handed_over.set(1)
             log.warning("domain %s was handed over to %s; not replicating (and never resuming "
                         "it here)", cfg.domain.name, (state.load() or {}).get("peer", "the peer"))
             return
         self._task = asyncio.create_task(self.rep.run(), name="replicate")
+        self._task.add_done_callback(_log_crash)
 
     def publish(self) -> None:
         if self.rep is not None:
@@ -105,6 +114,15 @@ class SourceNode:
             "last_switch": (self.switcher.last.to_dict() if self.switcher.last else None),
         })
         return out
+
+    async def domain_state(self) -> str | None:
+        """The VM's run state here (QMP for QEMU), for status and tests."""
+        if self.driver is None:
+            return None
+        proc = getattr(self.driver, "proc", None)
+        if proc is not None:
+            return await proc.status()
+        return "running" if await self.driver.is_running() else "paused"
 
     async def switch(self, mode: str) -> dict:
         report = await self.switcher.switch(mode)
@@ -168,6 +186,15 @@ class SinkNode:
             "shadow": self.switch_handler.shadow.status() if self.switch_handler else {},
             "last_switch": self.switch_handler.last_result if self.switch_handler else None,
         }
+
+    async def domain_state(self) -> str | None:
+        shadow = self.switch_handler.shadow if self.switch_handler else None
+        proc = getattr(shadow, "proc", None)
+        if proc is not None and proc.returncode is None:
+            return await proc.status()
+        if shadow is not None and getattr(shadow, "running", False):
+            return "running"
+        return None
 
     async def switch(self, mode: str) -> dict:
         raise ReplicatorError("switches are started on the source (the host running the VM)")

@@ -11,12 +11,14 @@ import pytest
 from replicator.config import (Config, ConfigError, DomainConfig, RegionConfig, load_config,
                                parse_address, parse_size)
 from replicator.errors import ReplicatorError
+from replicator.identity import format_id
 
 FULL = """
 [node]
 name = "alpha"
 role = "source"
 state_dir = "/srv/replicator"
+identity_dir = "/etc/replicator/identity"
 
 [domain]
 name = "desk-1"
@@ -62,6 +64,8 @@ reconnect_delay = 1.5
 [peer]
 address = "10.0.0.2:7400"
 listen = "[::]:7400"
+id = "PEER_ID"
+insecure_plaintext = false
 
 [control]
 listen = "unix:/run/replicator.sock"
@@ -103,12 +107,16 @@ def expect_error(tmp_path: Path, text: str, key: str | None, *fragments: str) ->
 # --- a full valid file ----------------------------------------------------------------------
 
 
+PEER_ID = format_id(b"a certificate")
+
+
 def test_full_config(tmp_path):
-    p = write(tmp_path, FULL)
+    p = write(tmp_path, FULL.replace("PEER_ID", PEER_ID))
     cfg = load_config(p)
     assert cfg.source_path == str(p)
     assert cfg.node.name == "alpha" and cfg.node.role == "source"
     assert cfg.node.state_dir == Path("/srv/replicator")
+    assert cfg.node.identity_dir == Path("/etc/replicator/identity")
     d = cfg.domain
     assert d.name == "desk-1" and d.driver == "file" and d.tracker == "scan"
     assert d.pause_command == ("/usr/bin/vmctl", "pause")
@@ -130,6 +138,7 @@ def test_full_config(tmp_path):
     assert s.scan_interval_max == 2.0 and type(s.scan_interval_max) is float
     assert s.max_inflight_epochs == 8 and s.reconnect_delay == 1.5
     assert cfg.peer.address == "10.0.0.2:7400" and cfg.peer.listen == "[::]:7400"
+    assert cfg.peer.id == PEER_ID and cfg.peer.insecure_plaintext is False
     assert cfg.control.listen == "unix:/run/replicator.sock"
     assert cfg.control.token_file == Path("/etc/replicator/token")
 
@@ -324,6 +333,46 @@ def test_parse_address(value, expected):
 def test_unix_control_socket_skips_address_check(tmp_path):
     cfg = load_text(tmp_path, MINIMAL + "[control]\nlisten = \"unix:/run/r.sock\"\n")
     assert cfg.control.listen == "unix:/run/r.sock"
+
+
+@pytest.mark.parametrize("value", [
+    "ABCD",                                    # too short
+    "0" * 52,                                  # right length, not base32
+    "A" * 53,
+])
+def test_bad_peer_id(tmp_path, value):
+    expect_error(tmp_path, MINIMAL + f"[peer]\nid = \"{value}\"\n", "peer.id", "node ID")
+
+
+def test_peer_id_accepted_in_any_case_without_dashes(tmp_path):
+    raw = PEER_ID.replace("-", "").lower()
+    cfg = load_text(tmp_path, MINIMAL + f"[peer]\nid = \"{raw}\"\n")
+    assert cfg.peer.id == raw
+
+
+def test_insecure_plaintext_must_be_a_bool(tmp_path):
+    expect_error(tmp_path, MINIMAL + "[peer]\ninsecure_plaintext = \"yes\"\n",
+                 "peer.insecure_plaintext")
+
+
+def test_peer_timeout_and_switch_table(tmp_path):
+    cfg = load_text(tmp_path, MINIMAL + "[peer]\ntimeout = 3\n"
+                    "[switch]\ntarget_downtime = 0.2\nstep_timeout = 30\n")
+    assert cfg.peer.timeout == 3.0
+    assert cfg.switch.target_downtime == 0.2 and cfg.switch.step_timeout == 30.0
+
+
+def test_peer_timeout_at_least_one_second(tmp_path):
+    expect_error(tmp_path, MINIMAL + "[peer]\ntimeout = 0.5\n", "peer.timeout")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("step_timeout", "0"), ("step_timeout", "-1"),
+    ("target_downtime", "0"), ("target_downtime", "-0.05"),
+])
+def test_switch_values_must_be_positive(tmp_path, field, value):
+    # The error names the offending dotted key, not just its table.
+    expect_error(tmp_path, MINIMAL + f"[switch]\n{field} = {value}\n", f"switch.{field}")
 
 
 # --- files ----------------------------------------------------------------------------------------

@@ -629,6 +629,30 @@ def test_unclean_shutdown_after_reboot_rehashes(root):
         store.close()
 
 
+def test_rehashed_manifest_survives_the_next_crash(root):
+    # After a reboot the images are re-hashed. If the daemon then crashes (same boot, so no
+    # re-hash this time), the store must not fall back to the pre-reboot journal's view.
+    model = Model(LAYOUT)
+    store = ShadowStore.open(root, LAYOUT)
+    commit(store, model, 1, [("ram", {0: page(0), 8: page(80)})])
+    store.close(clean=False)
+    with open(root / "ram.img", "r+b") as f:         # un-journaled image change before a reboot
+        f.seek(8 * PAGE_SIZE)
+        f.write(page(8))
+    state = json.loads((root / "state.json").read_text())
+    state["boot_id"] = "another-boot"
+    (root / "state.json").write_text(json.dumps(state))
+    store = ShadowStore.open(root, LAYOUT)
+    assert store.manifest("ram")[8] == h(page(8))
+    store.close(clean=False)                          # crash again, same boot
+    store = ShadowStore.open(root, LAYOUT)
+    try:
+        assert_consistent(store)
+        assert store.epoch == 1
+    finally:
+        store.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # disk full
 

@@ -21,8 +21,8 @@ from replicator.errors import (FrameTooLarge, IntegrityError, MalformedFrame, Pr
 from replicator.wire import codec
 from replicator.wire import messages as m
 from replicator.wire.codec import HEADER, MAX_STR, MAX_TUPLE, FrameDecoder, decode_body, encode
-from replicator.wire.pages import (CODECS, PAGE_SIZE, ZERO_HASH, Compressor, decode_batch,
-                                   encode_batch, hash_pages)
+from replicator.wire.pages import (CODECS, MAX_BATCH_PAGES, PAGE_SIZE, ZERO_HASH, Compressor,
+                                   decode_batch, encode_batch, hash_pages)
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -81,6 +81,8 @@ SAMPLES: dict[type, list] = {
     m.SwitchResult: [m.SwitchResult("sw-1", "commit", True, "", 1712345678.25),
                      m.SwitchResult("sw-1", "prepare", False, "no disk")],
     m.SwitchAbort: [m.SwitchAbort("sw-1", "operator cancelled")],
+    m.AuthChallenge: [m.AuthChallenge(b"\x07" * 32, "ABCD-EFGH"), m.AuthChallenge(b"", "")],
+    m.AuthProof: [m.AuthProof(b"0\x82\x01\x0a" + b"c" * 200, b"s" * 64)],
 }
 
 ALL_SAMPLES = [s for cls in m.MESSAGE_TYPES for s in SAMPLES.get(cls, [])]
@@ -206,7 +208,9 @@ def test_frame_too_large_is_a_protocol_error():
 
 
 @pytest.mark.parametrize("obj", [
-    {"type": 9}, 9, "ping", b"\x09", None, [], [None, 1], ["9", 1], [True, 1], [9.0, 1],
+    {"type": 9}, 9, "ping", b"\x09", None, [], [None, 1], ["9", 1], [9.0, 1], [[9], 1],
+    [{"t": 9}, 1], [b"\x09", 1],
+    [True, 1, "n", "d", []],            # True == 1 == Hello.TYPE, but a bool is not a type id
 ], ids=repr)
 def test_malformed_not_a_list_of_type_and_fields(obj):
     with pytest.raises(MalformedFrame):
@@ -302,19 +306,20 @@ def test_fuzz_arbitrary_bytes_only_protocol_errors(data, chunk):
 
 
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(bodies=st.lists(st.binary(max_size=200), min_size=1, max_size=4),
-       type_ids=st.lists(st.sampled_from([c.TYPE for c in m.MESSAGE_TYPES]), min_size=4,
-                         max_size=4))
-def test_fuzz_well_framed_garbage_bodies(bodies, type_ids):
-    # Frames with sane lengths whose bodies start like a message ([type, ...]) but are garbage.
-    stream = b""
-    for body, t in zip(bodies, type_ids):
-        stream += frame(bytes([0x90 | (body[0] & 0x0F) if body else 0x91, t]) + body)
+@given(frames=st.lists(st.tuples(st.integers(0, 15),
+                                 st.sampled_from([c.TYPE for c in m.MESSAGE_TYPES]),
+                                 st.binary(max_size=200)), min_size=1, max_size=4),
+       chunk=st.integers(1, 300))
+def test_fuzz_well_framed_garbage_bodies(frames, chunk):
+    # Frames with sane lengths whose bodies start like a message (fixarray, known type id) and
+    # continue with arbitrary bytes.
+    stream = b"".join(frame(bytes([0x90 | nfields, t]) + tail) for nfields, t, tail in frames)
     dec = FrameDecoder(max_frame=1 << 16)
-    dec.feed(stream)
     try:
-        for msg in dec.messages():
-            assert type(msg) in m.MESSAGE_TYPES
+        for i in range(0, len(stream), chunk):
+            dec.feed(stream[i:i + chunk])
+            for msg in dec.messages():
+                assert type(msg) in m.MESSAGE_TYPES
     except (MalformedFrame, FrameTooLarge):
         pass
 
@@ -395,11 +400,13 @@ def test_fuzz_round_trip_any_valid_message(msg):
 @given(msg=messages_st, data=st.data())
 def test_fuzz_mutated_fields(msg, data):
     body = msgpack.unpackb(encode(msg)[4:])
-    cls = type(msg)
-    op = data.draw(st.sampled_from(["replace", "drop", "append", "truncate"]))
+    op = data.draw(st.sampled_from(["replace", "retype", "drop", "append", "truncate"]))
     if op == "replace" and len(body) > 1:
         i = data.draw(st.integers(1, len(body) - 1))
         body[i] = data.draw(_any_value)
+    elif op == "retype":
+        body[0] = data.draw(st.one_of(st.sampled_from([c.TYPE for c in m.MESSAGE_TYPES]),
+                                      _any_value))
     elif op == "drop" and len(body) > 1:
         del body[data.draw(st.integers(1, len(body) - 1))]
     elif op == "append":
@@ -407,7 +414,9 @@ def test_fuzz_mutated_fields(msg, data):
     else:
         body = body[:data.draw(st.integers(0, len(body)))]
     wire = raw_frame(body)
-    ok = bool(body) and body[0] == cls.TYPE and _conforms(body[1:], cls)
+    by_type = {c.TYPE: c for c in m.MESSAGE_TYPES}
+    cls = by_type.get(body[0]) if body and type(body[0]) is int else None
+    ok = cls is not None and _conforms(body[1:], cls)
     if ok:
         (out,) = decode_all(wire)
         assert type(out) is cls
@@ -557,6 +566,19 @@ def test_ragged_arrays(field, value):
     enc, _, _, _ = build("none", n=1, zero_at=set(), indices=[1])
     with pytest.raises(MalformedFrame):
         decode_batch(dataclasses.replace(enc.message, **{field: value}), NPAGES)
+
+
+def test_batch_page_count_limit():
+    n = MAX_BATCH_PAGES
+    ok = m.PageBatch(1, "ram", "none", u32(*range(n)), b"", b"", 0, b"")
+    assert decode_batch(ok, n + 1).zero.size == n
+    too_many = m.PageBatch(1, "ram", "none", u32(*range(n + 1)), b"", b"", 0, b"")
+    with pytest.raises(MalformedFrame):
+        decode_batch(too_many, n + 1)
+    mixed = m.PageBatch(1, "ram", "none", u32(*range(n)), u32(n), u64(ZERO_HASH), PAGE_SIZE,
+                        bytes(PAGE_SIZE))
+    with pytest.raises(MalformedFrame):
+        decode_batch(mixed, n + 1)
 
 
 def test_hash_count_mismatch():

@@ -7,6 +7,7 @@ Errors are JSON objects with a message a person understands.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -67,7 +68,14 @@ def make_app(node: Node, token: str) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(node.status())
+        st = node.status()
+        probe = getattr(node, "domain_state", None)
+        if probe is not None:
+            try:
+                st["domain_state"] = await asyncio.wait_for(probe(), 2)
+            except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
+                st["domain_state"] = f"unknown ({exc or 'timeout'})"
+        return web.json_response(st)
 
     async def switch(request: web.Request) -> web.Response:
         if not authorized(request):

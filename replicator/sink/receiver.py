@@ -29,7 +29,6 @@ from .store import ShadowStore
 log = logging.getLogger(__name__)
 
 MANIFEST_CHUNK_PAGES = 512 * 1024
-PEER_TIMEOUT = 10.0
 
 #: Handler for switch messages: (message, link) -> None. Installed by the switch layer.
 SwitchHandler = Callable[[Any, Link], Awaitable[None]]
@@ -63,7 +62,7 @@ class SinkReceiver:
         host, port = parse_address(self.cfg.peer.listen, key="peer.listen")
         ssl_ctx = self.identity.server_context() if self.identity is not None else None
         self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20,
-                                                  ssl=ssl_ctx, ssl_handshake_timeout=PEER_TIMEOUT)
+                                                  ssl=ssl_ctx, ssl_handshake_timeout=self.cfg.peer.timeout)
         sock = self._server.sockets[0].getsockname()
         log.info("sink listening on %s:%d for domain %s", sock[0], sock[1], self.cfg.domain.name)
         return sock[0], sock[1]
@@ -85,7 +84,7 @@ class SinkReceiver:
         link = Link(reader, writer, self.cfg.stream.max_frame_bytes)
         if self.identity is not None:
             try:
-                await authenticate_client(link, self.identity, self._pinned, PEER_TIMEOUT)
+                await authenticate_client(link, self.identity, self._pinned, self.cfg.peer.timeout)
             except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
                 self.last_error = f"refused {link.peer}: {exc or 'authentication timed out'}"
                 log.warning("%s", self.last_error)
@@ -160,7 +159,7 @@ class SinkReceiver:
         return ShadowStore.open(self.root, offered)
 
     async def _session(self, link: Link) -> None:
-        hello = await asyncio.wait_for(link.recv(), PEER_TIMEOUT)
+        hello = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
         if not isinstance(hello, m.Hello):
             raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
         if hello.version != m.PROTOCOL_VERSION:
@@ -194,7 +193,7 @@ class SinkReceiver:
         log.info("source %s (%s) connected; shadow at epoch %d", hello.node, link.peer, store.epoch)
         npages = {name: r.npages for name, r in store.regions.items()}
         while True:
-            msg = await asyncio.wait_for(link.recv(), PEER_TIMEOUT)
+            msg = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
             self.metrics.received_bytes.inc(link.bytes_in - getattr(self, "_seen_in", 0))
             self._seen_in = link.bytes_in
             if isinstance(msg, m.PageBatch):

@@ -141,15 +141,24 @@ class ShadowStore:
         state = self._read_state()
         self.handed_over = bool(state.get("handed_over", False))
         clean = state.get("clean", False)
-        self._load_snapshot()
-        self._replay_journal()
+        rebuilt = self._load_snapshot()
+        if self._replay_journal():
+            log.warning("store %s: the journal ends in a damaged record; re-hashing the "
+                        "shadow images", self.root)
+            self.rehash()
+            rebuilt = True
         if state and not clean and state.get("boot_id") != _boot_id():
             log.warning("store %s: the machine restarted without a clean shutdown; re-hashing "
                         "the shadow images", self.root)
             self.rehash()
+            rebuilt = True
         self._journal_fd = os.open(self.root / "journal",
                                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._journal_size = os.fstat(self._journal_fd).st_size
+        if rebuilt:
+            # Persist the re-hashed manifest and drop the old journal (and any damaged tail):
+            # the next restart must neither fall back to the stale view nor append after garbage.
+            self.snapshot()
         self._write_state(clean=False)
 
     # --- state file -----------------------------------------------------------------------
@@ -179,33 +188,36 @@ class ShadowStore:
 
     # --- manifest snapshot + journal ---------------------------------------------------------
 
-    def _load_snapshot(self) -> None:
+    def _load_snapshot(self) -> bool:
+        """Load the snapshot; True if it was unusable and the images were re-hashed instead."""
         path = self.root / "manifest"
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return
+            return False
         if len(data) < 24 or data[:8] != _SNAP_MAGIC:
             log.warning("store %s: manifest snapshot unreadable; re-hashing images", self.root)
             self.rehash()
-            return
+            return True
         body, check = data[:-8], struct.unpack("<Q", data[-8:])[0]
         if xxhash.xxh3_64_intdigest(body) != check:
             log.warning("store %s: manifest checksum mismatch; re-hashing images", self.root)
             self.rehash()
-            return
+            return True
         (self.epoch,) = struct.unpack_from("<Q", body, 8)
         off = 16
         for r in self.regions.values():
             n = r.npages
             r.hashes[:] = np.frombuffer(body, dtype="<u8", count=n, offset=off)
             off += n * 8
+        return False
 
-    def _replay_journal(self) -> None:
+    def _replay_journal(self) -> bool:
+        """Apply the journal; True if it ends in a torn or damaged record."""
         try:
             data = (self.root / "journal").read_bytes()
         except FileNotFoundError:
-            return
+            return False
         by_index = {r.index: r for r in self.regions.values()}
         off = 0
         staged: list[tuple[_Region, np.ndarray, np.ndarray]] = []
@@ -240,6 +252,7 @@ class ShadowStore:
         if good_end < len(data):
             log.warning("store %s: ignoring %d bytes of torn journal tail", self.root,
                         len(data) - good_end)
+        return good_end < len(data)
 
     @staticmethod
     def _record(epoch: int, ridx: int, idx: np.ndarray, hashes: np.ndarray) -> bytes:
@@ -248,8 +261,18 @@ class ShadowStore:
         return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
 
     def _journal_append(self, data: bytes) -> None:
-        os.write(self._journal_fd, data)
-        self._journal_size += len(data)
+        start = self._journal_size
+        mv = memoryview(data)
+        try:
+            while mv:                      # os.write may be short (ENOSPC after a partial write)
+                mv = mv[os.write(self._journal_fd, mv):]
+        except OSError:
+            try:                           # never leave a torn record for later ones to follow
+                os.ftruncate(self._journal_fd, start)
+            except OSError:
+                pass
+            raise
+        self._journal_size = start + len(data)
 
     def snapshot(self) -> None:
         """Write the full manifest atomically and empty the journal."""

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from ..errors import ReplicatorError
+from ..faults import checkpoint
 from ..link import Link
 from ..wire import messages as m
 from .receiver import SinkReceiver
@@ -156,6 +157,7 @@ class SinkSwitch:
                 self.last_result = {"switch_id": self.switch_id, "result": "ok",
                                     "resumed_at": resumed_at}
                 log.info("switch %s committed: the domain runs here", self.switch_id)
+                await checkpoint("sink-committed")
                 await self._answer(link, "commit", True, resumed_at=resumed_at)
             elif isinstance(msg, m.SwitchAbort):
                 log.warning("switch %s aborted by the source: %s", msg.switch_id, msg.reason)

@@ -41,7 +41,6 @@ from .tracker import DirtyTracker, Round
 log = logging.getLogger(__name__)
 
 PING_INTERVAL = 1.0
-PEER_TIMEOUT = 10.0
 
 
 class SourceReplicator:
@@ -91,7 +90,7 @@ class SourceReplicator:
         if self.identity is None:
             return await asyncio.open_connection(host, port, limit=1 << 20)
         return await asyncio.wait_for(asyncio.open_connection(
-            host, port, limit=1 << 20, ssl=self._ssl, server_hostname=host), PEER_TIMEOUT)
+            host, port, limit=1 << 20, ssl=self._ssl, server_hostname=host), self.cfg.peer.timeout)
 
     async def run(self) -> None:
         """Keep replicating until cancelled; reconnects after any link or peer failure."""
@@ -117,9 +116,9 @@ class SourceReplicator:
                 self.last_error = str(exc)
                 log.error("sink refused us: %s", exc)
                 await asyncio.sleep(max(delay, 5.0))
-            except (PeerError, ProtocolError, ReplicatorError) as exc:
-                self.last_error = str(exc)
-                log.warning("replication link: %s; reconnecting in %.1fs", exc, delay)
+            except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log.warning("replication link: %s; reconnecting in %.1fs", self.last_error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
             else:
@@ -146,13 +145,13 @@ class SourceReplicator:
 
     async def _handshake(self, link: Link) -> None:
         if self.identity is not None:
-            await authenticate_to_server(link, self.identity, self._pinned, PEER_TIMEOUT)
+            await authenticate_to_server(link, self.identity, self._pinned, self.cfg.peer.timeout)
         hello = m.Hello(
             version=m.PROTOCOL_VERSION, node=self.cfg.node.name, domain=self.cfg.domain.name,
             regions=tuple(m.RegionInfo(r.name, r.size, PAGE_SIZE) for r in self.regions),
             vm=_pack_vm(self.driver.vm_description()))
         await link.send(hello)
-        reply = await asyncio.wait_for(link.recv(), PEER_TIMEOUT)
+        reply = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
         if isinstance(reply, m.Reject):
             raise PeerRejected(reply.reason)
         if not isinstance(reply, m.Welcome):
@@ -169,7 +168,7 @@ class SourceReplicator:
         manifests = {r.name: np.empty(r.npages, dtype=np.uint64) for r in self.regions}
         filled = {r.name: 0 for r in self.regions}
         while True:
-            msg = await asyncio.wait_for(link.recv(), PEER_TIMEOUT)
+            msg = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
             if isinstance(msg, m.ManifestEnd):
                 break
             if not isinstance(msg, m.ManifestChunk) or msg.region not in manifests:
@@ -315,7 +314,10 @@ class SourceReplicator:
 
     async def _recv_loop(self, link: Link) -> None:
         while True:
-            msg = await asyncio.wait_for(link.recv(), PEER_TIMEOUT)
+            try:
+                msg = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
+            except asyncio.TimeoutError:
+                raise PeerError(f"no word from the sink for {self.cfg.peer.timeout:g}s") from None
             if isinstance(msg, m.Ack):
                 async with self._acked:
                     self.ledger.acked(msg.epoch)

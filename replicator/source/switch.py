@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..config import PAGE_SIZE
 from ..errors import HandedOver, PeerError, ReplicatorError, SwitchError, SwitchInProgress
+from ..faults import checkpoint
 from ..wire import messages as m
 from .driver import DomainDriver
 from .sender import SourceReplicator
@@ -198,6 +199,7 @@ class Switcher:
             wall_pause = time.time()
             await self.driver.pause()
             paused = True
+            await checkpoint("source-paused")
             # 4. final delta
             report.phase = "final-delta"
             rnd = await rep.sync(self.step_timeout)
@@ -221,6 +223,7 @@ class Switcher:
                 await link.send(m.DeviceState(report.switch_id, off, chunk,
                                               off + DEVICE_CHUNK >= len(data)))
             await self._expect(report, "device")
+            await checkpoint("source-device-sent")
             # 7. commit: from here on this side never resumes on its own.
             report.phase = "commit"
             self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,

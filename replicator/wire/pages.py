@@ -124,6 +124,9 @@ def decode_batch(batch: PageBatch, npages: int) -> DecodedBatch:
         raise MalformedFrame(f"batch of {len(pages) + len(zero)} pages exceeds {MAX_BATCH_PAGES}")
     if (len(zero) and int(zero.max()) >= npages) or (len(pages) and int(pages.max()) >= npages):
         raise MalformedFrame("page index beyond the end of the region")
+    listed = np.concatenate([zero, pages])
+    if len(np.unique(listed)) != len(listed):
+        raise MalformedFrame("a page is listed more than once in the batch")
     if batch.codec == "zstd":
         try:
             # A frame may declare any content size; refuse before zstd allocates for it.

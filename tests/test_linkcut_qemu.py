@@ -1,0 +1,168 @@
+"""Link cut during a switch, at each phase, between two test hosts (network namespaces).
+
+Real daemons (``replicator run``) in two namespaces, a real QEMU guest on the desktop, the link
+cut with ``ip link set down`` at a checkpoint (``REPLICATOR_FAULT_DIR``). Whatever happens, the
+VM must end up running on exactly one host: the source resumes if the sink never committed; if
+the sink committed, the source stays paused (and learns the outcome once the link is back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from replicator.cli import _request
+from replicator.demo import _toml, counters
+
+from .conftest import ROOT, pair_ids
+from .netns import LAP_ADDR, TwoHosts
+from .test_switch_qemu import qemu_table, wait_until
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture
+def hosts():
+    h = TwoHosts.create()
+    yield h
+    h.destroy()
+
+
+class DaemonProc:
+    def __init__(self, hosts: TwoHosts, host: str, config: Path, faults: Path, log: Path):
+        env = {**os.environ, "REPLICATOR_FAULT_DIR": str(faults), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            hosts.exec_prefix(host) + [sys.executable, "-m", "replicator.cli", "run", "-c",
+                                       str(config)],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def status(sock: Path) -> dict:
+    code, st = await _request("GET", f"unix:{sock}", "/api/v1/status", timeout=10)
+    assert code == 200, st
+    return st
+
+
+@pytest.mark.parametrize("phase,expect_on", [
+    ("source-paused", "desk"),         # before the final delta: the source resumes
+    ("source-device-sent", "desk"),    # device state sent, commit lost: the source resumes
+    ("sink-committed", "lap"),         # the sink committed: the source stays paused
+])
+async def test_link_cut_during_switch(shm_dir, hosts, phase, expect_on):
+    from tests.test_switch_qemu import GUEST
+    guest = (GUEST / "vmlinux", GUEST / "initramfs.cpio.gz")
+    if not guest[0].exists():
+        subprocess.run(["bash", str(ROOT / "deploy" / "build-guest.sh"), str(GUEST)], check=True)
+    d = shm_dir
+    faults = d / "faults"
+    faults.mkdir()
+    desk_id, lap_id = pair_ids(d / "desk", d / "lap")
+    q = {k: str(v) for k, v in qemu_table(guest).items() if isinstance(v, Path)}
+    q.update({k: v for k, v in qemu_table(guest).items() if not isinstance(v, Path)})
+    timeouts = {"timeout": 3.0}
+    (d / "lap.toml").write_text(_toml({
+        "node": {"name": "laptop", "role": "sink", "state_dir": str(d / "lap")},
+        "domain": {"name": "vm", "driver": "qemu", "qemu": q},
+        "peer": {"listen": f"{LAP_ADDR}:7400", "id": desk_id, **timeouts},
+        "control": {"listen": f"unix:{d / 'lap.sock'}"}}))
+    (d / "desk.toml").write_text(_toml({
+        "node": {"name": "desktop", "role": "source", "state_dir": str(d / "desk")},
+        "domain": {"name": "vm", "driver": "qemu", "qemu": {
+            **q, "launch": True, "ram_path": str(d / "desk-ram"),
+            "serial_log": str(d / "desk.log")}},
+        "peer": {"address": f"{LAP_ADDR}:7400", "id": lap_id, **timeouts},
+        "switch": {"step_timeout": 15.0},
+        "stream": {"reconnect_delay": 0.5},
+        "control": {"listen": f"unix:{d / 'desk.sock'}"}}))
+    sink = DaemonProc(hosts, "lap", d / "lap.toml", faults, d / "lap.log")
+    source = None
+    shadow_pid = None
+    try:
+        await wait_until(lambda: (d / "lap.sock").exists(), 30, "the sink daemon")
+        source = DaemonProc(hosts, "desk", d / "desk.toml", faults, d / "desk.log.err")
+        await wait_until(lambda: (d / "desk.sock").exists(), 60, "the source daemon")
+        await wait_until(lambda: len(counters(d / "desk.log")) >= 2, 90, "the guest's counter")
+
+        async def synced() -> bool:
+            st = await status(d / "desk.sock")
+            return st["peer"]["connected"] and st["acked_epoch"] >= 2
+        for _ in range(300):
+            if await synced():
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("replication did not start")
+
+        (faults / f"block-{phase}").touch()
+        token = (d / "desk" / "api-token").read_text().strip()
+        switch = asyncio.create_task(_request("POST", f"unix:{d / 'desk.sock'}",
+                                              "/api/v1/switch", token, {"mode": "live"}))
+        await wait_until(lambda: (faults / f"at-{phase}").exists(), 60, f"checkpoint {phase}")
+        hosts.link_down()
+        (faults / f"block-{phase}").unlink()
+        code, result = await asyncio.wait_for(switch, 60)
+        assert code != 200, f"switch cannot succeed over a cut link: {result}"
+        await asyncio.sleep(1.0)
+        hosts.link_up()
+
+        async def settled() -> tuple[str, str]:
+            desk_state = (await status(d / "desk.sock")).get("domain_state")
+            lap_st = await status(d / "lap.sock")
+            return desk_state, lap_st.get("domain_state") or "none"
+        end = asyncio.get_running_loop().time() + 60
+        while True:
+            desk_state, lap_state = await settled()
+            done = (desk_state == "running" and lap_state != "running") if expect_on == "desk" \
+                else (desk_state != "running" and lap_state == "running"
+                      and (d / "desk" / "vm" / "handed-over.json").exists()
+                      and "handed-over" in (d / "desk" / "vm" / "handed-over.json").read_text())
+            if done:
+                break
+            assert not (desk_state == "running" and lap_state == "running"), "VM runs twice!"
+            if asyncio.get_running_loop().time() > end:
+                tails = "\n".join(f"--- {n}\n" + "\n".join(
+                    ln for ln in (d / n).read_text().splitlines()[-25:])
+                    for n in ("desk.log.err", "lap.log"))
+                raise AssertionError(f"not settled: desktop {desk_state}, laptop {lap_state}\n"
+                                     + tails)
+            await asyncio.sleep(0.5)
+        lap_st = await status(d / "lap.sock")
+        shadow_pid = (lap_st.get("shadow") or {}).get("pid")
+        # The side that runs keeps counting.
+        log = d / "desk.log" if expect_on == "desk" else d / "lap" / "vm" / "shadow-serial.log"
+        n = len(counters(log))
+        await wait_until(lambda: len(counters(log)) >= n + 2, 15, f"the counter on {expect_on}")
+        if expect_on == "lap":
+            before = counters(d / "desk.log")[-1]
+            assert counters(d / "lap" / "vm" / "shadow-serial.log")[0] == before + 1
+        else:
+            assert not (d / "desk" / "vm" / "handed-over.json").exists()
+    finally:
+        if source is not None:
+            source.stop()
+        if shadow_pid is None:
+            try:
+                shadow_pid = ((await status(d / "lap.sock")).get("shadow") or {}).get("pid")
+            except Exception:
+                pass
+        sink.stop()
+        if shadow_pid:
+            try:
+                os.kill(shadow_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
