@@ -77,6 +77,13 @@ class SourceNode:
         self.switcher = Switcher(self.rep, self.driver, state,
                                  target_downtime=cfg.switch.target_downtime,
                                  step_timeout=cfg.switch.step_timeout)
+        if self.switcher.pending_commit:
+            # Restarted while a commit's outcome was unknown: reconnect only to ask the sink.
+            self._task = asyncio.create_task(self.rep.run(), name="replicate")
+            self._task.add_done_callback(_log_crash)
+            self._resolver = asyncio.create_task(self.switcher.resolve_pending(), name="resolve")
+            self._resolver.add_done_callback(_log_crash)
+            return
         if self.switcher.handed_over:
             self.metrics.handed_over.set(1)
             log.warning("domain %s was handed over to %s; not replicating (and never resuming "

@@ -275,10 +275,29 @@ class Switcher:
             await self.driver.resume()
             log.info("switch %s: domain resumed here", report.switch_id)
 
-    async def _resolve_after_reconnect(self, report: SwitchReport) -> None:
+    @property
+    def pending_commit(self) -> dict | None:
+        """The persisted state of a switch whose commit outcome is not known yet."""
+        state = self.state.load()
+        return state if state and state.get("state") == "committing" else None
+
+    async def resolve_pending(self) -> None:
+        """After a restart during an ambiguous commit: ask the sink, then settle."""
+        state = self.pending_commit or {}
+        report = SwitchReport(state.get("switch_id", "unknown"), "unknown", result="unknown",
+                              peer=state.get("peer", ""))
+        self.last = report
+        log.warning("switch %s: commit outcome unknown since before a restart; the domain "
+                    "stays paused here until the sink says who runs it", report.switch_id)
+        await self._resolve_after_reconnect(report, seen=0)
+        if report.result == "ok":
+            self.rep.metrics.handed_over.set(1)
+
+    async def _resolve_after_reconnect(self, report: SwitchReport,
+                                       seen: int | None = None) -> None:
         """After an ambiguous commit: wait for the sink to tell us who runs the domain."""
         rep = self.rep
-        seen = rep.sessions
+        seen = rep.sessions if seen is None else seen
         while True:
             await asyncio.sleep(0.2)
             if rep.sessions == seen:
