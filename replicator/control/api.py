@@ -52,7 +52,7 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
-def make_app(node: Node, token: str) -> web.Application:
+def make_app(node: Node, token: str, token_file: str | None = None) -> web.Application:
     app = web.Application()
 
     def authorized(request: web.Request) -> bool:
@@ -69,6 +69,9 @@ def make_app(node: Node, token: str) -> web.Application:
 
     async def status(request: web.Request) -> web.Response:
         st = node.status()
+        if token_file:
+            # Where the token is (never the token itself): the status page shows it as a hint.
+            st["api"] = {"token_file": token_file}
         probe = getattr(node, "domain_state", None)
         if probe is not None:
             try:
@@ -113,9 +116,11 @@ def make_app(node: Node, token: str) -> web.Application:
     return app
 
 
-async def start_api(node: Node, listen: str, token: str) -> tuple[web.AppRunner, str]:
+async def start_api(node: Node, listen: str, token: str, *,
+                    token_file: str | Path | None = None) -> tuple[web.AppRunner, str]:
     """Start serving; returns the runner and the URL it listens on."""
-    runner = web.AppRunner(make_app(node, token), access_log=None)
+    runner = web.AppRunner(make_app(node, token, str(token_file) if token_file else None),
+                           access_log=None)
     await runner.setup()
     if listen.startswith("unix:"):
         path = listen[5:]

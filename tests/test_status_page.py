@@ -1,0 +1,414 @@
+"""The status page (control/static/index.html) in a real headless Chromium, on a running pair.
+
+The browser is driven through chromedriver's W3C WebDriver HTTP API with a tiny urllib client
+(no selenium). Every WebDriver call runs in a worker thread, so the event loop keeps serving the
+replicating pair and the control API the page talks to while the browser waits on them.
+
+Chromium and chromedriver are required: without them these tests fail, they do not skip.
+Override their paths with REPLICATOR_CHROMIUM / REPLICATOR_CHROMEDRIVER.
+
+The screenshot (1280x800, pair replicating, before the switch) is always taken and checked; it is
+written to docs/status-page.png when that file does not exist yet or REPLICATOR_UPDATE_SCREENSHOT=1
+(so ordinary test runs do not dirty the work tree with a new PNG every time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import inspect
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+
+from replicator.control.api import start_api
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "status-page.png"
+MiB = 1024 * 1024
+VIEWPORT = (1280, 800)
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"      # W3C web element reference key
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-proxy-server",
+                  "--disable-extensions", "--force-color-profile=srgb", "--hide-scrollbars",
+                  "--window-size=%d,%d" % VIEWPORT]
+
+
+def _find(env: str, *candidates: str) -> str:
+    given = os.environ.get(env)
+    if given:
+        if not os.access(given, os.X_OK):
+            pytest.fail(f"{env}={given} is not an executable")
+        return given
+    for c in candidates:
+        path = c if os.path.isabs(c) else shutil.which(c)
+        if path and os.access(path, os.X_OK):
+            return path
+    pytest.fail(f"none of {', '.join(candidates)} found (set {env}); the status page tests need "
+                "a real Chromium and chromedriver (Debian: apt install chromium chromium-driver)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WebDriverError(AssertionError):
+    pass
+
+
+class Browser:
+    """A minimal W3C WebDriver client for one chromedriver session."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.session = ""
+        # Never go through a proxy from the environment: everything here is on 127.0.0.1.
+        self._http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def call_sync(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with self._http.open(req, timeout=timeout) as r:
+                reply = json.load(r)
+        except urllib.error.HTTPError as exc:
+            try:
+                err = json.load(exc).get("value", {})
+            except ValueError:
+                err = {}
+            raise WebDriverError(f"{method} {path}: HTTP {exc.code} {err.get('error', '')}: "
+                                 f"{str(err.get('message', ''))[:500]}") from None
+        return reply.get("value")
+
+    def s(self, path: str) -> str:
+        return f"/session/{self.session}{path}"
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        return await asyncio.to_thread(self.call_sync, method, self.s(path), body)
+
+    async def get(self, url: str) -> None:
+        await self.call("POST", "/url", {"url": url})
+
+    async def current_url(self) -> str:
+        return await self.call("GET", "/url")
+
+    async def find(self, css: str) -> str:
+        found = await self.call("POST", "/element", {"using": "css selector", "value": css})
+        if not isinstance(found, dict) or ELEMENT not in found:
+            raise WebDriverError(f"find {css}: unexpected answer {found!r}")
+        return found[ELEMENT]
+
+    async def text(self, css: str) -> str:
+        return await self.call("GET", f"/element/{await self.find(css)}/text")
+
+    async def attr(self, css: str, name: str) -> str | None:
+        return await self.call("GET", f"/element/{await self.find(css)}/attribute/{name}")
+
+    async def displayed(self, css: str) -> bool:
+        return await self.call("GET", f"/element/{await self.find(css)}/displayed")
+
+    async def click(self, css: str) -> None:
+        await self.call("POST", f"/element/{await self.find(css)}/click", {})
+
+    async def type(self, css: str, value: str) -> None:
+        el = await self.find(css)
+        await self.call("POST", f"/element/{el}/clear", {})
+        await self.call("POST", f"/element/{el}/value", {"text": value})
+
+    async def js(self, script: str, *args: Any) -> Any:
+        return await self.call("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    async def script_errors(self) -> list[str]:
+        """Console errors of the page's own code since the last call (not failed requests:
+        a refused switch is an HTTP error on purpose)."""
+        entries = await self.call("POST", "/se/log", {"type": "browser"})
+        return [e["message"] for e in entries
+                if e.get("level") == "SEVERE" and e.get("source") != "network"]
+
+    async def screenshot(self) -> bytes:
+        return base64.b64decode(await self.call("GET", "/screenshot"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium (via chromedriver) for the module, viewport exactly 1280x800."""
+    chromium = _find("REPLICATOR_CHROMIUM", "/usr/lib/chromium/chromium", "chromium",
+                     "chromium-browser", "google-chrome")
+    chromedriver = _find("REPLICATOR_CHROMEDRIVER", "chromedriver")
+    profile = tempfile.mkdtemp(prefix="replicator-chromium-")
+    log = Path(profile + ".chromedriver.log")
+    port = _free_port()
+    proc = subprocess.Popen([chromedriver, f"--port={port}", f"--log-path={log}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    b = Browser(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if b.call_sync("GET", "/status", timeout=2).get("ready"):
+                    break
+            except (OSError, WebDriverError):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"chromedriver did not start (exit {proc.poll()}); see {log}")
+            time.sleep(0.05)
+        caps = {"browserName": "chrome", "pageLoadStrategy": "normal",
+                "goog:loggingPrefs": {"browser": "ALL"},
+                "goog:chromeOptions": {"binary": chromium,
+                                       "args": CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]}}
+        try:
+            created = b.call_sync("POST", "/session", {"capabilities": {"alwaysMatch": caps}})
+        except WebDriverError as exc:
+            pytest.fail(f"could not start {chromium}: {exc}")
+        b.session = created["sessionId"]
+        # The window includes some (invisible) browser UI even headless: size it so the
+        # viewport, which is what the page and the screenshot see, is exactly 1280x800.
+        b.call_sync("POST", b.s("/url"), {"url": "about:blank"})
+        for _ in range(3):
+            inner = b.call_sync("POST", b.s("/execute/sync"),
+                                {"script": "return [innerWidth, innerHeight]", "args": []})
+            if tuple(inner) == VIEWPORT:
+                break
+            rect = b.call_sync("GET", b.s("/window/rect"))
+            b.call_sync("POST", b.s("/window/rect"),
+                        {"width": rect["width"] + VIEWPORT[0] - inner[0],
+                         "height": rect["height"] + VIEWPORT[1] - inner[1]})
+        yield b
+    finally:
+        if b.session:
+            with contextlib.suppress(OSError, WebDriverError):
+                b.call_sync("DELETE", b.s(""), timeout=10)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(profile, ignore_errors=True)
+        log.unlink(missing_ok=True)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 15,
+                     interval: float = 0.1) -> Any:
+    """Await check() until it returns something truthy; fail with `what` and the last value."""
+    end = asyncio.get_running_loop().time() + timeout
+    value: Any = None
+    while True:
+        try:
+            value = await check()
+        except WebDriverError as exc:       # e.g. element not rendered yet
+            value = exc
+        if value and not isinstance(value, Exception):
+            return value
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError(f"{what}: not reached in {timeout} s (last: {value!r})")
+        await asyncio.sleep(interval)
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+# Whether the API reports where the token file is (see the report on the status page).
+API_HAS_TOKEN_FILE = "token_file" in inspect.signature(start_api).parameters
+
+
+@contextlib.asynccontextmanager
+async def api(node: Any, token: str, token_file: Path | None = None):
+    kw = {"token_file": token_file} if token_file and API_HAS_TOKEN_FILE else {}
+    runner, url = await start_api(node, "127.0.0.1:0", token, **kw)
+    try:
+        yield url
+    finally:
+        await runner.cleanup()
+
+
+async def open_page(browser: Browser, url: str, role: str) -> None:
+    await browser.script_errors()                       # start with an empty console log
+    await browser.get(url + "/")
+    await eventually(lambda: _text_is(browser, "#role", role), f"page shows role {role}")
+
+
+async def _text_is(browser: Browser, css: str, want: str) -> bool:
+    return (await browser.text(css)).strip().lower() == want
+
+
+BYTES = re.compile(r"^\d+(\.\d)? (B|KiB|MiB|GiB|TiB)$")
+
+
+async def test_page_shows_live_replication_and_switch_now_moves_the_domain(
+        shm_dir, workload, pair_factory, browser, monkeypatch):
+    wl = workload(shm_dir / "ram", 32 * MiB, rate=4e6, fill=0.5)
+    pair = await pair_factory(shm_dir, pid=wl.proc.pid)
+    token = secrets.token_urlsafe(24)
+    token_file = shm_dir / "source" / "api-token"
+    async with api(pair.source, token, token_file) as url:
+        await open_page(browser, url, "source")
+        assert await browser.text("#node") == "desktop"
+        assert await browser.text("#domain") == "vm1"
+        await eventually(lambda: _text_is(browser, "#peer-state", "connected"), "peer connected")
+        assert await browser.text("#peer-name") == "laptop"
+        assert await browser.attr("#ram-bytes", "data-value") == str(32 * MiB)
+        assert await browser.text("#ram-bytes") == "32.0 MiB"
+
+        # Live: the page re-polls every second and shows the status' lag numbers each time.
+        seen_times: set[str] = set()
+        samples: list[tuple[str, ...]] = []
+        end = asyncio.get_running_loop().time() + 3.5
+        while asyncio.get_running_loop().time() < end or len(seen_times) < 3:
+            assert asyncio.get_running_loop().time() < end + 5, "page stopped polling"
+            seen_times.add(await browser.attr("#updated", "data-time"))
+            samples.append(tuple([await browser.text(c) for c in (
+                "#lag-bytes", "#lag-pages", "#lag-seconds", "#dirty-rate", "#throughput",
+                "#sync-percent", "#predicted-downtime")]))
+            await asyncio.sleep(0.3)
+        assert len(seen_times - {""}) >= 3, seen_times
+        for lag_bytes, lag_pages, lag_secs, dirty, thr, pct, predicted in samples:
+            assert BYTES.match(lag_bytes), lag_bytes
+            assert re.fullmatch(r"[\d,]+", lag_pages), lag_pages
+            assert re.fullmatch(r"\d+\.\d\d s", lag_secs), lag_secs
+            assert BYTES.match(dirty.removesuffix("/s")) and BYTES.match(thr.removesuffix("/s"))
+            assert re.fullmatch(r"\d+\.\d %", pct), pct
+            assert re.fullmatch(r"\d+\.\d ms|\d+\.\d\d s", predicted), predicted
+            assert 0 <= int(lag_pages.replace(",", "")) <= 32 * MiB // 4096
+        assert len(set(samples)) > 1, f"the numbers never changed: {samples}"
+        st = pair.source.status()
+        assert st["peer"]["connected"]
+
+        # The switch panel: live by default, token field empty, button ready.
+        assert await browser.displayed("#switch-button")
+        assert await browser.js("return document.querySelector('input[name=mode]:checked')"
+                                ".value") == "live"
+        assert await browser.attr("#token", "type") == "password"
+        hint = await browser.text("#token-file")
+        assert hint == (str(token_file) if API_HAS_TOKEN_FILE else "<state_dir>/api-token")
+        await eventually(lambda: browser.js("return !document.getElementById("
+                                            "'switch-button').disabled"), "button enabled")
+        if hasattr(pair.source, "domain_state"):       # the API adds it to the status then
+            assert await browser.text("#domain-state") == "running"
+
+        # Screenshot while replicating, before the switch.
+        assert tuple(await browser.js("return [innerWidth, innerHeight]")) == (1280, 800)
+        png = await browser.screenshot()
+        assert png_size(png) == (1280, 800)
+        if not SCREENSHOT.exists() or os.environ.get("REPLICATOR_UPDATE_SCREENSHOT") == "1":
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            SCREENSHOT.write_bytes(png)
+
+        # Slow the first step a little so the polled phase is visible on the page.
+        driver = pair.source.driver
+        real_prepare = driver.prepare_switch
+
+        async def slow_prepare() -> None:
+            await asyncio.sleep(2.5)
+            await real_prepare()
+
+        monkeypatch.setattr(driver, "prepare_switch", slow_prepare)
+
+        await browser.type("#token", token)
+        await browser.click("#switch-button")
+        # Progress: the phase from the polled status (read in one go, so it is consistent).
+        phase, why, label = await eventually(lambda: browser.js(
+            "const now = document.querySelector('#phases li.now');"
+            "return now && [now.textContent, document.getElementById('switch-why').textContent,"
+            "               document.getElementById('switch-button').textContent];"),
+            "phase shown", timeout=5)
+        assert phase in ("prepare", "catch-up", "pause", "final-delta", "verify",
+                         "device-state", "commit"), phase
+        assert why.startswith("Switching (live mode): " + phase), why
+        assert label == "Switching…"
+        outcome = await eventually(lambda: _outcome(browser, "ok"), "switch outcome", 30)
+
+        assert pair.source.switcher.handed_over
+        assert pair.sink.status()["runs_domain"]
+        report = pair.source.switcher.last
+        assert report is not None and report.result == "ok" and report.mode == "live"
+        m = re.search(r"Downtime (\d+\.\d) ms · time to switch (\d+\.\d) ms", outcome)
+        assert m, outcome
+        assert abs(float(m[1]) - report.downtime_ms) <= 0.051
+        assert abs(float(m[2]) - report.time_to_switch_ms) <= 0.051
+        assert "runs on laptop" in outcome
+
+        # The polled status then shows the handover and the last switch.
+        await eventually(lambda: _text_is(browser, "#last-result", "switched"), "last switch")
+        assert await browser.text("#last-mode") == "live"
+        assert float(await browser.attr("#last-downtime", "data-value")) == report.downtime_ms
+        assert await browser.displayed("#handed-over")
+        assert not await browser.displayed("#switch-button")     # nothing left to switch
+
+        # The token lives in this tab's sessionStorage only: not in the URL, storage or cookies.
+        assert token not in await browser.current_url()
+        assert await browser.js("return sessionStorage.getItem('replicator.api-token')") == token
+        assert await browser.js("return localStorage.length + document.cookie.length") == 0
+        assert await browser.script_errors() == []
+
+
+async def _outcome(browser: Browser, kind: str, containing: str = "") -> str | None:
+    """The outcome box's text once it is of `kind` (ok/bad/info) and contains `containing`."""
+    if (await browser.attr("#outcome", "class") or "").split()[-1:] != [kind]:
+        return None
+    text = await browser.text("#outcome")
+    return text if containing.lower() in text.lower() else None
+
+
+async def test_wrong_token_and_busy_switch_are_refused_and_sink_page_has_no_button(
+        shm_dir, workload, pair_factory, browser):
+    wl = workload(shm_dir / "ram", 8 * MiB, rate=1e6, fill=0.5)
+    pair = await pair_factory(shm_dir, pid=wl.proc.pid)
+    token = secrets.token_urlsafe(24)
+    async with api(pair.source, token) as url:
+        await open_page(browser, url, "source")
+        await eventually(lambda: browser.js("return !document.getElementById("
+                                            "'switch-button').disabled"), "button enabled")
+        await browser.click("#switch-button")           # no token entered: nothing is sent
+        await eventually(lambda: _outcome(browser, "bad", "enter the api token"), "token asked")
+        await browser.type("#token", "not-" + token)
+        await browser.click("#switch-button")
+        await eventually(lambda: _outcome(browser, "bad", "wrong token"), "401 message")
+        assert await browser.js("return sessionStorage.getItem('replicator.api-token')") is None
+        await asyncio.sleep(0.5)
+        assert not pair.source.switcher.handed_over
+        assert pair.source.switcher.last is None
+        assert not pair.sink.status()["runs_domain"]
+        assert await pair.source.driver.is_running()
+
+        # Another switch holds the switcher: the page says so, and still nothing moved.
+        async with pair.source.switcher._lock:
+            await browser.type("#token", token)
+            await browser.click("#switch-button")
+            await eventually(lambda: _outcome(browser, "bad", "a switch is already running"),
+                             "409 message")
+        assert not pair.source.switcher.handed_over and not pair.sink.status()["runs_domain"]
+        assert await browser.script_errors() == []
+
+    # The sink's page: its state, no button, and where switches are started.
+    async with api(pair.sink, token) as url:
+        await open_page(browser, url, "sink")
+        await eventually(lambda: _text_is(browser, "#sink-state", "paused standby"),
+                         "sink state")
+        assert await browser.text("#node") == "laptop"
+        assert not await browser.displayed("#switch-button")
+        note = await browser.text("#sink-note")
+        assert "switches are started on the source" in note.lower(), note
+        assert await browser.text("#peer-state") == "connected"
+        assert await browser.script_errors() == []
