@@ -123,6 +123,11 @@ class StreamConfig:
     scan_interval_max: float = 1.0
     max_inflight_epochs: int = 4            # epochs sent but not yet acknowledged
     reconnect_delay: float = 0.5
+    # qemu-precopy pacing: with little to send QEMU busy-loops on dirty-bitmap syncs, so the
+    # relay drains its socket in short bursts when idle and continuously when there is a backlog.
+    precopy_burst: float = 0.001            # seconds of draining per idle burst
+    precopy_interval: float = 0.25          # seconds between idle bursts
+    precopy_backlog: int = 256 * 1024       # bytes in one burst that mean "backlog: keep going"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +166,7 @@ class Config:
 
 
 # Keys whose values are sizes or rates (parsed with parse_size).
-_SIZE_KEYS = {"size", "ram_size", "max_frame_bytes", "bandwidth_limit"}
+_SIZE_KEYS = {"size", "ram_size", "max_frame_bytes", "bandwidth_limit", "precopy_backlog"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -68,15 +69,21 @@ class SourceNode:
             from .source.qemu_driver import QemuDriver
             self.driver = await QemuDriver.create(cfg)
         regions = await self.driver.regions()
-        if cfg.domain.tracker != "scan":
-            raise ConfigError(f"tracker {cfg.domain.tracker!r} is not available yet",
-                              path=cfg.source_path, key="domain.tracker")
-        tracker = ScanTracker(regions)
-        self.rep = SourceReplicator(cfg, self.driver, regions, tracker, self.metrics)
         state = HandoverState(Path(cfg.node.state_dir) / cfg.domain.name / "handed-over.json")
-        self.switcher = Switcher(self.rep, self.driver, state,
-                                 target_downtime=cfg.switch.target_downtime,
-                                 step_timeout=cfg.switch.step_timeout)
+        switcher_cls: type = Switcher
+        if cfg.domain.tracker == "qemu-precopy":
+            if cfg.domain.driver != "qemu":
+                raise ConfigError("the qemu-precopy tracker needs driver = \"qemu\"",
+                                  path=cfg.source_path, key="domain.tracker")
+            from .source.precopy import PrecopyReplicator, PrecopySwitcher
+            self.rep = PrecopyReplicator(cfg, self.driver, regions, self.metrics)
+            switcher_cls = PrecopySwitcher
+        else:
+            self.rep = SourceReplicator(cfg, self.driver, regions, ScanTracker(regions),
+                                        self.metrics)
+        self.switcher = switcher_cls(self.rep, self.driver, state,
+                                     target_downtime=cfg.switch.target_downtime,
+                                     step_timeout=cfg.switch.step_timeout)
         if self.switcher.pending_commit:
             # Restarted while a commit's outcome was unknown: reconnect only to ask the sink.
             self._task = asyncio.create_task(self.rep.run(), name="replicate")
@@ -103,6 +110,17 @@ class SourceNode:
         if rep is None:
             return out
         snap = rep.ledger.snapshot()
+        pre = getattr(rep, "precopy_status", None)
+        if pre is not None:
+            out["tracker"] = "qemu-precopy"
+            out["precopy"] = pre()
+            ps = getattr(rep, "_snapshot", None) or {}
+            snap = dataclasses.replace(
+                snap, lag_bytes=ps.get("lag_bytes", 0), lag_pages=ps.get("lag_bytes", 0) // 4096,
+                lag_seconds=ps.get("lag_seconds", 0.0), dirty_rate=ps.get("dirty_rate", 0.0),
+                switch_estimate=ps.get("estimate", 0.0), in_sync=ps.get("lag_bytes", 1) == 0)
+        else:
+            out["tracker"] = "scan"
         out.update({
             "peer": {"address": self.cfg.peer.address, "node": rep.sink_node,
                      "connected": rep.connected.is_set(), "error": rep.last_error,
@@ -172,6 +190,9 @@ class SinkNode:
         else:
             shadow = NullShadow()
         self.switch_handler = SinkSwitch(self.receiver, shadow)
+        if self.cfg.domain.driver == "qemu":
+            from .sink.precopy import PrecopySink
+            self.precopy = PrecopySink(self.receiver, self.switch_handler)
         self.address = await self.receiver.start()
 
     def publish(self) -> None:
@@ -227,7 +248,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
     await node.start()
     token_file = cfg.control.token_file or Path(cfg.node.state_dir) / "api-token"
     token = load_or_create_token(Path(token_file))
-    runner, url = await start_api(node, cfg.control.listen, token)
+    runner, url = await start_api(node, cfg.control.listen, token, token_file=token_file)
     log.info("%s node %s: control API on %s", node.role, cfg.node.name, url)
     # Tools (and tests with port 0) find the API here.
     url_file = Path(cfg.node.state_dir) / "api-url"

@@ -64,6 +64,11 @@ class Metrics:
                              "1 when the last round found nothing left to send and all is acked.",
                              registry=r)
 
+        # qemu-precopy relay.
+        self.precopy_pacing = Gauge("replicator_precopy_pacing",
+                                    "1 for the relay's current pacing state (idle bursts, "
+                                    "backlog draining, switching).", ["state"], registry=r)
+
         # Switches.
         self.switches = Counter("replicator_switches",
                                 "Switches attempted, by mode and result.", ["mode", "result"],

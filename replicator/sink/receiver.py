@@ -48,6 +48,7 @@ class SinkReceiver:
         self.last_error = ""
         self.switch_handler: SwitchHandler | None = None
         self.disconnect_handler: Callable[[], Awaitable[None]] | None = None
+        self.precopy_handler: SwitchHandler | None = None
         self.connected = asyncio.Event()
         self.epoch_committed = asyncio.Condition()
         self._server: asyncio.base_events.Server | None = None
@@ -218,6 +219,9 @@ class SinkReceiver:
                 await link.send(m.VerifyReply(msg.nonce, store.epoch, store.digests()))
             elif isinstance(msg, m.ErrorMessage):
                 raise PeerError(f"source reported: {msg.message}")
+            elif self.precopy_handler is not None and isinstance(
+                    msg, (m.PrecopyStart, m.PrecopyData, m.SwitchRelease)):
+                await self.precopy_handler(msg, link)
             elif self.switch_handler is not None and type(msg).__name__.startswith(
                     ("Switch", "DeviceState")):
                 await self.switch_handler(msg, link)

@@ -140,6 +140,7 @@ class ShadowStore:
                 info, i, path, fd, np.full(info.size // PAGE_SIZE, ZERO_HASH, dtype=np.uint64))
         state = self._read_state()
         self.handed_over = bool(state.get("handed_over", False))
+        self.external_writes = False
         clean = state.get("clean", False)
         rebuilt = self._load_snapshot()
         if self._replay_journal():
@@ -147,7 +148,12 @@ class ShadowStore:
                         "shadow images", self.root)
             self.rehash()
             rebuilt = True
-        if state and not clean and state.get("boot_id") != _boot_id():
+        if state.get("external_writes") and not self.handed_over:
+            log.warning("store %s: a relayed migration was writing the images when the sink "
+                        "stopped; re-hashing them", self.root)
+            self.rehash()
+            rebuilt = True
+        elif state and not clean and state.get("boot_id") != _boot_id():
             log.warning("store %s: the machine restarted without a clean shutdown; re-hashing "
                         "the shadow images", self.root)
             self.rehash()
@@ -175,11 +181,27 @@ class ShadowStore:
         tmp = self.root / "state.json.tmp"
         with open(tmp, "w") as f:
             json.dump({"epoch": self.epoch, "clean": clean, "boot_id": _boot_id(),
-                       "handed_over": self.handed_over}, f)
+                       "handed_over": self.handed_over,
+                       "external_writes": getattr(self, "external_writes", False)}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / "state.json")
         _fsync_dir(self.root)
+
+    def begin_external_writes(self) -> None:
+        """Another writer (a shadow QEMU loading a relayed migration) changes the images now.
+
+        Persisted, so that a sink that dies meanwhile re-hashes the images when it restarts.
+        """
+        self.external_writes = True
+        self._write_state(clean=False)
+
+    def end_external_writes(self) -> None:
+        """Re-hash the images (the truth after someone else wrote them) and persist that."""
+        self.rehash()
+        self.snapshot()
+        self.external_writes = False
+        self._write_state(clean=False)
 
     def set_handed_over(self, value: bool) -> None:
         """Persist that the domain now runs elsewhere / here (fencing survives restarts)."""

@@ -48,7 +48,7 @@ import enum
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 from replicator.errors import ProtocolError
 from replicator.vmm.qemu import MigrationStreamError, StreamHeader, parse_stream_header
@@ -100,7 +100,7 @@ _SEC_PART = 0x02
 _SEC_END = 0x03
 _SEC_FULL = 0x04
 _SUBSECTION = 0x05
-_SEC_VMDESCRIPTION = 0x06
+_SEC_VMDESCRIPTION = 0x06               # after EOF; only ever inside the opaque tail
 _SEC_CONFIGURATION = 0x07
 _SEC_COMMAND = 0x08
 _SEC_FOOTER = 0x7E
@@ -108,7 +108,7 @@ _SEC_FOOTER = 0x7E
 _RAM_IDSTR = b"ram"
 _RAM_VERSION = 4
 
-_F_OBSOLETE_FULL = 0x01
+_F_OBSOLETE_FULL = 0x01                 # not sent since QEMU 1.x: refused as unknown
 _F_ZERO = 0x02
 _F_MEM_SIZE = 0x04
 _F_PAGE = 0x08
@@ -139,7 +139,6 @@ _COMMANDS: dict[int, tuple[str, int | None]] = {
 }
 COMMAND_NAMES: Mapping[int, str] = {k: v[0] for k, v in _COMMANDS.items()}
 
-_BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _CMD_HDR = struct.Struct(">BHH")        # 0x08, cmd, len
@@ -413,6 +412,11 @@ class PrecopyParser:
         except PrecopyStreamError as exc:
             self._error = exc
             raise
+        except BaseException as exc:
+            # e.g. the editor's drop callback raised: the record in progress is half-counted.
+            self._error = PrecopyStreamError(f"parsing aborted by {exc!r}",
+                                             offset=self._consumed)
+            raise
         return events
 
     def finish(self) -> None:
@@ -471,7 +475,6 @@ class PrecopyParser:
         ``copy``: ``v`` is the carry buffer (about to change), so nothing handed out may keep
         a view of it.
         """
-        start = pos
         base = self._consumed - pos        # absolute offset of v[0]
         out = self._out
         emit = pos                         # editor: v[emit:pos] is still to be forwarded
@@ -934,22 +937,13 @@ class PrecopyParser:
 
 # --- the editor ----------------------------------------------------------------------------------
 
-class EditorOutput(tuple):
-    """``(out, events)`` returned by :meth:`PrecopyEditor.feed`: ``out`` is the list of byte
-    chunks to forward, in order; ``events`` the parser's events (dropped pages marked)."""
+class EditorOutput(NamedTuple):
+    """What :meth:`PrecopyEditor.feed` returns."""
 
-    __slots__ = ()
-
-    def __new__(cls, out: list[memoryview | bytes], events: list[Event]) -> EditorOutput:
-        return tuple.__new__(cls, (out, events))
-
-    @property
-    def out(self) -> list[memoryview | bytes]:
-        return self[0]
-
-    @property
-    def events(self) -> list[Event]:
-        return self[1]
+    out: list[memoryview | bytes]
+    """Byte chunks to forward, in order (``writelines``-ready)."""
+    events: list[Event]
+    """The parser's events for the same input (dropped records have ``dropped`` set)."""
 
 
 DropPage = Callable[[str, int, Union[memoryview, bytes, None]], bool]

@@ -63,6 +63,16 @@ class SwitchReport:
         return asdict(self)
 
 
+@dataclass
+class _Progress:
+    """How far a switch got: decides between rollback and "outcome unknown"."""
+    t_request: float
+    t_pause: float = 0.0
+    wall_pause: float = 0.0
+    paused: bool = False
+    committed_sent: bool = False
+
+
 class HandoverState:
     """Persisted fencing flag: once set, this node must never resume the domain."""
 
@@ -166,89 +176,19 @@ class Switcher:
 
     async def _run(self, report: SwitchReport) -> None:
         rep = self.rep
-        t_request = time.monotonic()
-        paused = False
-        committed_sent = False
+        ctx = _Progress(t_request=time.monotonic())
         log.info("switch %s (%s mode) to %s: preparing", report.switch_id, report.mode,
                  rep.sink_node)
         try:
             if not rep.connected.is_set():
                 raise SwitchError(f"sink not connected ({rep.last_error or 'connecting'})")
-            # 1. prepare
             report.phase = "prepare"
             await self._step(report, m.SwitchPrepare(report.switch_id, report.mode), "prepare")
-            await self.driver.prepare_switch()
-            # 2. catch up while running (live)
-            rep.pause_scanning()
-            if report.mode == "live":
-                report.phase = "catch-up"
-                for _ in range(CATCHUP_MAX_ROUNDS):
-                    rnd = await rep.sync(self.step_timeout)
-                    report.catchup_rounds += 1
-                    snap = rep.ledger.snapshot()
-                    link = snap.link_rate or 100e6
-                    predicted = snap.round_seconds + rnd.pages * PAGE_SIZE * snap.wire_ratio / link
-                    log.info("switch %s: catch-up round %d found %d pages; predicted final "
-                             "delta %.1f ms", report.switch_id, report.catchup_rounds,
-                             rnd.pages, predicted * 1000)
-                    if predicted <= self.target_downtime + snap.round_seconds:
-                        break
-            # 3. pause
-            report.phase = "pause"
-            t_pause = time.monotonic()
-            wall_pause = time.time()
-            await self.driver.pause()
-            paused = True
-            await checkpoint("source-paused")
-            # 4. final delta
-            report.phase = "final-delta"
-            rnd = await rep.sync(self.step_timeout)
-            report.final_delta_pages = rnd.pages
-            report.final_delta_bytes = rnd.pages * PAGE_SIZE
-            # 5. verify
-            report.phase = "verify"
-            digests = tuple(rnd.digests[r.name] for r in rep.regions)
-            await self._step(report, m.SwitchVerify(report.switch_id, rep.ledger.acked_epoch,
-                                                    digests), "verify")
-            report.shadow_verified = True
-            # 6. device state
-            report.phase = "device-state"
-            data = await self.driver.save_device_state()
-            report.device_state_bytes = len(data)
-            link = rep.link
-            if link is None:
-                raise PeerError("link lost before the device state was sent")
-            for off in range(0, max(len(data), 1), DEVICE_CHUNK):
-                chunk = data[off:off + DEVICE_CHUNK]
-                await link.send(m.DeviceState(report.switch_id, off, chunk,
-                                              off + DEVICE_CHUNK >= len(data)))
-            await self._expect(report, "device")
-            await checkpoint("source-device-sent")
-            # 7. commit: from here on this side never resumes on its own.
-            report.phase = "commit"
-            self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
-                             "state": "committing", "at": time.time()})
-            committed_sent = True
-            reply = await self._step(report, m.SwitchCommit(report.switch_id), "commit")
-            t_running = time.monotonic()
-            self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
-                             "state": "handed-over", "at": time.time()})
-            report.phase = "done"
-            report.result = "ok"
-            sink_downtime = (reply.resumed_at - wall_pause) if reply.resumed_at else None
-            # Same clock (one machine, or NTP): the sink's timestamp is the honest end point.
-            # Otherwise fall back to our own view, which includes half a round trip.
-            if sink_downtime is not None and 0 <= sink_downtime <= (t_running - t_pause):
-                report.downtime_ms = sink_downtime * 1000
-            else:
-                report.downtime_ms = (t_running - t_pause) * 1000
-            report.time_to_switch_ms = (t_running - t_request) * 1000
-            log.info("switch %s done: domain runs on %s; downtime %.1f ms, time to switch "
-                     "%.1f ms, final delta %d pages", report.switch_id, rep.sink_node,
-                     report.downtime_ms, report.time_to_switch_ms, report.final_delta_pages)
+            await self._hand_over_memory(report, ctx)
+            await self._commit(report, ctx)
         except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
-            if committed_sent:
+            if ctx.committed_sent:
                 # The commit may have reached the sink: resuming here could run the VM twice.
                 log.error("switch %s: lost the sink's answer to commit (%s); the domain stays "
                           "paused here until the sink says whether it runs it", report.switch_id,
@@ -256,11 +196,83 @@ class Switcher:
                 asyncio.get_running_loop().create_task(self._resolve_after_reconnect(report))
                 raise SwitchError(f"commit outcome unknown ({reason}); domain paused here "
                                   "until the sink is reachable", rolled_back=False) from None
-            await self._rollback(report, paused, reason)
+            await self._rollback(report, ctx.paused, reason)
             raise SwitchError(f"switch failed at {report.phase}: {reason}; the domain runs "
                               "here again", rolled_back=True) from None
         finally:
             rep.resume_scanning()
+
+    async def _hand_over_memory(self, report: SwitchReport, ctx: "_Progress") -> None:
+        """Scan tracker: catch up, pause, final delta, verify, device state."""
+        rep = self.rep
+        await self.driver.prepare_switch()
+        # Catch up while running (live).
+        rep.pause_scanning()
+        if report.mode == "live":
+            report.phase = "catch-up"
+            for _ in range(CATCHUP_MAX_ROUNDS):
+                rnd = await rep.sync(self.step_timeout)
+                report.catchup_rounds += 1
+                snap = rep.ledger.snapshot()
+                link = snap.link_rate or 100e6
+                predicted = snap.round_seconds + rnd.pages * PAGE_SIZE * snap.wire_ratio / link
+                log.info("switch %s: catch-up round %d found %d pages; predicted final "
+                         "delta %.1f ms", report.switch_id, report.catchup_rounds,
+                         rnd.pages, predicted * 1000)
+                if predicted <= self.target_downtime + snap.round_seconds:
+                    break
+        report.phase = "pause"
+        ctx.t_pause = time.monotonic()
+        ctx.wall_pause = time.time()
+        await self.driver.pause()
+        ctx.paused = True
+        await checkpoint("source-paused")
+        report.phase = "final-delta"
+        rnd = await rep.sync(self.step_timeout)
+        report.final_delta_pages = rnd.pages
+        report.final_delta_bytes = rnd.pages * PAGE_SIZE
+        report.phase = "verify"
+        digests = tuple(rnd.digests[r.name] for r in rep.regions)
+        await self._step(report, m.SwitchVerify(report.switch_id, rep.ledger.acked_epoch,
+                                                digests), "verify")
+        report.shadow_verified = True
+        report.phase = "device-state"
+        data = await self.driver.save_device_state()
+        report.device_state_bytes = len(data)
+        link = rep.link
+        if link is None:
+            raise PeerError("link lost before the device state was sent")
+        for off in range(0, max(len(data), 1), DEVICE_CHUNK):
+            chunk = data[off:off + DEVICE_CHUNK]
+            await link.send(m.DeviceState(report.switch_id, off, chunk,
+                                          off + DEVICE_CHUNK >= len(data)))
+        await self._expect(report, "device")
+        await checkpoint("source-device-sent")
+
+    async def _commit(self, report: SwitchReport, ctx: "_Progress") -> None:
+        """Point of no return: from here on this side never resumes on its own."""
+        rep = self.rep
+        report.phase = "commit"
+        self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
+                         "state": "committing", "at": time.time()})
+        ctx.committed_sent = True
+        reply = await self._step(report, m.SwitchCommit(report.switch_id), "commit")
+        t_running = time.monotonic()
+        self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
+                         "state": "handed-over", "at": time.time()})
+        report.phase = "done"
+        report.result = "ok"
+        sink_downtime = (reply.resumed_at - ctx.wall_pause) if reply.resumed_at else None
+        # Same clock (one machine, or NTP): the sink's timestamp is the honest end point.
+        # Otherwise fall back to our own view, which includes half a round trip.
+        if sink_downtime is not None and 0 <= sink_downtime <= (t_running - ctx.t_pause):
+            report.downtime_ms = sink_downtime * 1000
+        else:
+            report.downtime_ms = (t_running - ctx.t_pause) * 1000
+        report.time_to_switch_ms = (t_running - ctx.t_request) * 1000
+        log.info("switch %s done: domain runs on %s; downtime %.1f ms, time to switch "
+                 "%.1f ms, final delta %d pages", report.switch_id, rep.sink_node,
+                 report.downtime_ms, report.time_to_switch_ms, report.final_delta_pages)
 
     async def _rollback(self, report: SwitchReport, paused: bool, reason: str) -> None:
         log.warning("switch %s failed at %s: %s; rolling back", report.switch_id, report.phase,

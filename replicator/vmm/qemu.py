@@ -127,6 +127,18 @@ DEVICE_STATE_CAPABILITIES: Mapping[str, bool] = {
     "late-block-activate": False,
 }
 
+#: Capabilities of the held-open precopy migration the ``qemu-precopy`` tracker relays: RAM
+#: pages travel (no ``x-ignore-shared``), the return path lets the shadow acknowledge, and
+#: ``switchover-ack`` lets replicator withhold the shadow's go-ahead until "switch now", so
+#: precopy never completes on its own. Formats that move pages off the main channel or change
+#: their encoding are off: the relay parses and edits the main channel.
+PRECOPY_CAPABILITIES: Mapping[str, bool] = {
+    **DEVICE_STATE_CAPABILITIES,
+    "x-ignore-shared": False,
+    "return-path": True,
+    "switchover-ack": True,
+}
+
 # Migration states (query-migrate "status") that mean "still going".
 _MIGRATION_ACTIVE = {
     "setup", "active", "device", "pre-switchover", "postcopy-active", "postcopy-paused",
@@ -925,6 +937,33 @@ class QemuProcess:
             "capabilities": [{"capability": k, "state": v} for k, v in wanted.items()],
         })
         return wanted
+
+    async def start_precopy(self, uri: str) -> None:
+        """Source: start the held-open precopy migration to ``uri`` (``unix:/path``).
+
+        The replicator relays the stream; QEMU completes only when the shadow's SWITCHOVER_ACK is
+        released (or the VM is stopped). ``max-bandwidth`` is lifted: the relay paces QEMU by
+        how fast it drains the socket.
+        """
+        current = (await self.execute("query-migrate")).get("status")
+        if current in _MIGRATION_ACTIVE:
+            raise QemuError(f"QEMU {self.name} already has a migration in state {current!r}")
+        await self.set_migrate_capabilities(PRECOPY_CAPABILITIES)
+        await self.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        self._save_prepared = False
+        await self.execute("migrate", {"uri": uri})
+
+    async def start_precopy_incoming(self, uri: str) -> None:
+        """Shadow (started with ``incoming="defer"``): listen for the relayed precopy stream."""
+        state = await self.status()
+        if state != "inmigrate":
+            raise QemuError(f"QEMU {self.name} is {state!r}, not waiting for a migration")
+        await self.set_migrate_capabilities(PRECOPY_CAPABILITIES)
+        self._load_prepared = None
+        await self.execute("migrate-incoming", {"uri": uri, "exit-on-error": False})
+
+    async def query_migrate(self) -> dict[str, Any]:
+        return await self.execute("query-migrate")
 
     async def shared_ram_backends(self) -> dict[str, str]:
         """Memory backends that ``x-ignore-shared`` skips: ``{id: mem-path}`` of every

@@ -216,8 +216,47 @@ class AuthProof:
     signature: bytes
 
 
+# --- qemu-precopy relay --------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PrecopyStart:
+    """Source -> sink: start a shadow listening for a relayed precopy migration."""
+    TYPE: ClassVar[int] = 40
+    session: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyReady:
+    TYPE: ClassVar[int] = 41
+    session: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyData:
+    """A chunk of the (edited) migration main channel, in stream order."""
+    TYPE: ClassVar[int] = 42
+    session: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyReturn:
+    """Sink -> source: return-path messages from the shadow, in order."""
+    TYPE: ClassVar[int] = 43
+    session: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchRelease:
+    """Source -> sink (live switch): release the withheld SWITCHOVER_ACK."""
+    TYPE: ClassVar[int] = 44
+    switch_id: str
+
+
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Reject, ManifestChunk, ManifestEnd, PageBatch, EpochEnd, Ack, Ping, Pong,
     VerifyRequest, VerifyReply, ErrorMessage, SwitchPrepare, SwitchReady, SwitchVerify,
     DeviceState, SwitchCommit, SwitchResult, SwitchAbort, AuthChallenge, AuthProof,
+    PrecopyStart, PrecopyReady, PrecopyData, PrecopyReturn, SwitchRelease,
 )
