@@ -128,3 +128,55 @@ async def test_precopy_resume_after_link_loss_forwards_far_less_than_ram(shm_dir
         assert_continues(before, counters(shadow_log))
     finally:
         await stop_pair(sink, source)
+
+
+async def test_precopy_rollback_when_sink_dies_before_commit(shm_dir, guest):
+    """kill -9 of the sink daemon once the shadow loaded the stream: the desktop runs on."""
+    d = shm_dir
+    cfg = sink_cfg(d, guest)
+    (d / "lap.toml").write_text(_toml({
+        "node": {"name": "laptop", "role": "sink", "state_dir": str(d / "lap")},
+        "domain": {"name": "vm", "driver": "qemu", "qemu": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in qemu_table(guest).items()}},
+        "peer": {"listen": "127.0.0.1:0", "id": cfg.peer.id, "timeout": 5.0},
+        "control": {"listen": "127.0.0.1:0"}}))
+    proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "run", "-c",
+                             str(d / "lap.toml")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=open(d / "lap.err", "wb"))
+    source = None
+    try:
+        await wait_until(lambda: (d / "lap" / "api-url").exists(), 30, "sink daemon")
+        _, st = await _request("GET", (d / "lap" / "api-url").read_text().strip(),
+                               "/api/v1/status")
+        source = SourceNode(source_cfg(d, guest, int(st["listen"].rsplit(":", 1)[1])))
+        await source.start()
+        await wait_until(lambda: len(counters(d / "desk.log")) >= 2, 90, "the guest's counter")
+        await asyncio.wait_for(source.rep.connected.wait(), 30)
+        await bulk_done(source)
+        real_expect = source.switcher._expect
+
+        async def expect_then_kill(report, step):
+            reply = await real_expect(report, step)
+            if step == "loaded":
+                proc.send_signal(signal.SIGKILL)     # the laptop vanishes before the commit
+                proc.wait()
+            return reply
+
+        source.switcher._expect = expect_then_kill
+        with pytest.raises(SwitchError) as exc:
+            await source.switch("live")
+        assert exc.value.rolled_back
+        assert await source.driver.proc.status() == "running"
+        assert not (d / "desk" / "vm" / "handed-over.json").exists()
+        n = len(counters(d / "desk.log"))
+        await wait_until(lambda: len(counters(d / "desk.log")) > n + 1, 10,
+                         "the desktop guest to keep counting")
+        # The orphaned shadow loaded the state but never ran.
+        shadow_log = d / "lap" / "vm" / "shadow-serial.log"
+        assert counters(shadow_log) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-KILL", "-f", str(d / "lap" / "vm")], check=False)
+        if source is not None:
+            await source.stop()
