@@ -197,6 +197,21 @@ def cmd_switch(args: argparse.Namespace) -> int:
         raise ReplicatorError(f"cannot reach the daemon at {url}: {exc}") from None
 
 
+def cmd_lifecycle(args: argparse.Namespace) -> int:
+    url, token = _api_target(args)
+    if not token:
+        raise ReplicatorError("no API token (use --token-file or run as a user who can read it)")
+    try:
+        code, data = _run_async(_request("POST", url, f"/api/v1/{args.command}", token))
+    except OSError as exc:
+        raise ReplicatorError(f"cannot reach the daemon at {url}: {exc}") from None
+    if code != 200:
+        print(f"{args.command} failed (HTTP {code}): {data.get('error')}", file=sys.stderr)
+        return 1
+    print(f"replication {data['replication']}")
+    return 0
+
+
 def cmd_id(args: argparse.Namespace) -> int:
     from .config import load_config
     from .identity import Identity
@@ -291,6 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "stop: pause at once (least total time)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_switch)
+
+    sp = sub.add_parser("pause", help="stop replicating (qemu-precopy: end the held-open "
+                                      "migration so QEMU allows hotplug/snapshots); the VM runs "
+                                      "on, unprotected")
+    with_api(sp)
+    sp.set_defaults(func=cmd_lifecycle)
+
+    sp = sub.add_parser("resume", help="replicate again; only pages that differ are sent")
+    with_api(sp)
+    sp.set_defaults(func=cmd_lifecycle)
 
     sp = sub.add_parser("demo", help="desktop VM + laptop shadow on this machine: replicate, "
                                      "switch, report")

@@ -55,6 +55,7 @@ class SourceNode:
         self.rep: Any = None
         self.switcher: Any = None
         self._task: asyncio.Task | None = None
+        self._paused = False
 
     async def start(self) -> None:
         from .source.driver import FileDriver
@@ -135,10 +136,42 @@ class SourceNode:
             "in_sync": snap.in_sync and rep.connected.is_set(),
             "sent_bytes": {"raw": rep.ledger.raw_sent, "wire": rep.ledger.wire_sent},
             "handed_over": self.switcher.handed_over,
+            "replication_paused": self._paused,
             "switch": (self.switcher.current.to_dict() if self.switcher.current else None),
             "last_switch": (self.switcher.last.to_dict() if self.switcher.last else None),
         })
         return out
+
+    @property
+    def replication_paused(self) -> bool:
+        return self._paused
+
+    async def pause_replication(self) -> dict:
+        """Stop replicating (for qemu-precopy: end the held-open migration, so QEMU allows
+        hotplug, snapshots or another migration). The VM keeps running; a switch is refused."""
+        if self.switcher is None or self.switcher.handed_over:
+            raise ReplicatorError("nothing to pause: the domain was handed over")
+        if self.switcher.current is not None:
+            raise ReplicatorError("a switch is in progress")
+        self._paused = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        log.info("replication paused by request; the VM keeps running, unprotected")
+        return {"replication": "paused"}
+
+    async def resume_replication(self) -> dict:
+        """Start replicating again; only pages that differ from the shadow are sent."""
+        if self.switcher is None or self.switcher.handed_over:
+            raise ReplicatorError("nothing to resume: the domain was handed over")
+        self._paused = False
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self.rep.run(), name="replicate")
+            self._task.add_done_callback(_log_crash)
+        log.info("replication resumed")
+        return {"replication": "running"}
 
     async def domain_state(self) -> str | None:
         """The VM's run state here (QMP for QEMU), for status and tests."""
@@ -150,6 +183,8 @@ class SourceNode:
         return "running" if await self.driver.is_running() else "paused"
 
     async def switch(self, mode: str) -> dict:
+        if self._paused:
+            raise ReplicatorError("replication is paused (replicator resume first)")
         report = await self.switcher.switch(mode)
         # Handed over: stop replicating; the sink refuses us from now on anyway.
         if self._task is not None:

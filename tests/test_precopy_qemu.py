@@ -76,8 +76,22 @@ async def test_precopy_held_open_then_switch_continues_counter(shm_dir, guest, m
     try:
         rep = source.rep
         await bulk_done(source)
+        if mode == "stop":
+            # `replicator pause`: the held-open migration ends (QEMU allows hotplug etc. again),
+            # the VM runs on; `resume` starts a new migration that drops what the shadow holds.
+            await source.pause_replication()
+            assert (await source.driver.proc.query_migrate())["status"] in ("cancelled", "failed")
+            assert await source.driver.proc.status() == "running"
+            with pytest.raises(Exception, match="paused"):
+                await source.switch("stop")
+            dropped = rep.pages_dropped
+            await source.resume_replication()
+            await wait_until(lambda: rep.session_no >= 2 and rep.connected.is_set(), 60,
+                             "replication to resume")
+            await bulk_done(source)
+            assert rep.pages_dropped - dropped > (RAM // 4096) // 4
         # Held open: precopy stays active (the ACK is withheld) while the guest keeps running.
-        hold = 20 if mode == "live" else 5
+        hold = 90 if mode == "live" else 5
         await asyncio.sleep(hold)
         assert rep.qemu_info["status"] == "active"
         assert await source.driver.proc.status() == "running"

@@ -100,6 +100,19 @@ def make_app(node: Node, token: str, token_file: str | None = None) -> web.Appli
             return _error(503, str(exc))
         return web.json_response(result)
 
+    def lifecycle(name: str):
+        async def handler(request: web.Request) -> web.Response:
+            if not authorized(request):
+                return _error(401, "missing or wrong bearer token (see the node's token file)")
+            action = getattr(node, name, None)
+            if action is None:
+                return _error(400, "this node has no replication to pause or resume")
+            try:
+                return web.json_response(await action())
+            except ReplicatorError as exc:
+                return _error(409, str(exc))
+        return handler
+
     async def index(request: web.Request) -> web.StreamResponse:
         page = STATIC / "index.html"
         if page.exists():
@@ -111,6 +124,8 @@ def make_app(node: Node, token: str, token_file: str | None = None) -> web.Appli
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/status", status)
     app.router.add_post("/api/v1/switch", switch)
+    app.router.add_post("/api/v1/pause", lifecycle("pause_replication"))
+    app.router.add_post("/api/v1/resume", lifecycle("resume_replication"))
     if STATIC.is_dir():
         app.router.add_static("/static/", STATIC)
     return app

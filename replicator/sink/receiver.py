@@ -93,8 +93,16 @@ class SinkReceiver:
                 await link.close()
                 return
         if self._busy.locked():
-            await _reject(link, "another source is already replicating this domain")
-            return
+            # Only the paired (authenticated) source gets here: a new connection from it means
+            # the old one is dead even if we have not noticed yet. Let the old session end.
+            if self.link is not None:
+                await self.link.close()
+            try:
+                await asyncio.wait_for(self._busy.acquire(), self.cfg.peer.timeout)
+            except asyncio.TimeoutError:
+                await _reject(link, "another source is already replicating this domain")
+                return
+            self._busy.release()
         async with self._busy:
             try:
                 await self._session(link)
@@ -193,10 +201,11 @@ class SinkReceiver:
         self.metrics.peer_connected.set(1)
         log.info("source %s (%s) connected; shadow at epoch %d", hello.node, link.peer, store.epoch)
         npages = {name: r.npages for name, r in store.regions.items()}
+        seen_in = link.bytes_in
         while True:
             msg = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
-            self.metrics.received_bytes.inc(link.bytes_in - getattr(self, "_seen_in", 0))
-            self._seen_in = link.bytes_in
+            self.metrics.received_bytes.inc(link.bytes_in - seen_in)
+            seen_in = link.bytes_in
             if isinstance(msg, m.PageBatch):
                 if msg.region not in npages:
                     raise ProtocolError(f"batch for unknown region {msg.region!r}")

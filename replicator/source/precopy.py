@@ -113,6 +113,9 @@ class PrecopyReplicator(SourceReplicator):
         self.qemu_done.clear()
         self.switching.clear()
         self.device_state_started = False
+        self.qemu_info = {}                       # figures of the previous migration are void
+        self.pacing = "backlog"
+        self._caught_up_at = None
         self._session_tasks = [
             asyncio.create_task(self._recv_loop(link), name="receiver"),
             asyncio.create_task(self._ping_loop(link), name="pinger"),
