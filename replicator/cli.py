@@ -242,6 +242,13 @@ def set_peer_id(config_path: Path, peer_id: str) -> None:
         text = "\n".join(lines) + "\n"
     tmp = config_path.with_suffix(config_path.suffix + ".tmp")
     tmp.write_text(text)
+    if config_path.exists():
+        # Keep owner and mode (e.g. root:replicator 0640): a fresh root:root file may be
+        # unreadable for the service user, and the daemon would not start again.
+        st = config_path.stat()
+        os.chmod(tmp, st.st_mode & 0o7777)
+        if os.geteuid() == 0:
+            os.chown(tmp, st.st_uid, st.st_gid)
     os.replace(tmp, config_path)
 
 
@@ -253,7 +260,8 @@ def cmd_pair(args: argparse.Namespace) -> int:
     load_config(path)                      # refuse to edit a file that is already broken
     set_peer_id(path, peer_id)
     load_config(path)
-    print(f"paired with {peer_id} (recorded in {path}); restart or reload the daemon")
+    print(f"paired with {peer_id} (recorded in {path}); restart the daemon "
+          "(systemctl restart replicator)")
     return 0
 
 

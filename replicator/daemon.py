@@ -280,6 +280,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
     from .config import load_config
 
     node = make_node(cfg)
+    node.metrics.bandwidth_limit.set(cfg.stream.bandwidth_limit)
     await node.start()
     token_file = cfg.control.token_file or Path(cfg.node.state_dir) / "api-token"
     token = load_or_create_token(Path(token_file))
@@ -297,6 +298,8 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
 
     def reload() -> None:
         if cfg.source_path is None or not isinstance(node, SourceNode) or node.rep is None:
+            log.info("reload: nothing to apply live on this node (restart to apply config "
+                     "changes)")
             return
         try:
             new = load_config(cfg.source_path)
@@ -304,7 +307,13 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
             log.error("reload refused: %s", exc)
             return
         node.rep.limiter.rate = new.stream.bandwidth_limit
+        node.metrics.bandwidth_limit.set(new.stream.bandwidth_limit)
         log.info("reloaded: bandwidth_limit=%d bytes/s", new.stream.bandwidth_limit)
+        same = dataclasses.replace(new, stream=dataclasses.replace(
+            new.stream, bandwidth_limit=cfg.stream.bandwidth_limit))
+        if same != cfg:
+            log.warning("reload: only stream.bandwidth_limit is applied live; restart the "
+                        "daemon for the other changes")
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, reload)

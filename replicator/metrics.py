@@ -38,6 +38,9 @@ class Metrics:
         self.throughput = Gauge("replicator_link_throughput_bytes_per_second",
                                 "Wire bytes per second sent to the peer (moving average).",
                                 registry=r)
+        self.bandwidth_limit = Gauge("replicator_bandwidth_limit_bytes_per_second",
+                                     "Configured cap on wire bytes per second (0 = none).",
+                                     registry=r)
         self.sent_bytes = Counter("replicator_sent_bytes",
                                   "Page bytes sent: raw (before compression) and wire (framed).",
                                   ["kind"], registry=r)
@@ -91,6 +94,14 @@ class Metrics:
         self.frames_rejected = Counter("replicator_frames_rejected",
                                        "Connections dropped for malformed or hostile frames.",
                                        registry=r)
+        # Export every label combination from the start (at 0): a series that first appears at
+        # 1 looks like "no increase" to increase()/rate(), so the first switch (usually the
+        # only one of a source's lifetime) would be invisible to dashboards and alerts.
+        for mode in ("live", "stop"):
+            for result in ("ok", "rolled_back", "unknown"):
+                self.switches.labels(mode, result)
+            self.switch_downtime.labels(mode)
+            self.switch_duration.labels(mode)
         for enc in ("zero", "compressed", "raw"):
             self.pages_sent.labels(enc)
         for kind in ("raw", "wire"):

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from ..errors import ReplicatorError, SwitchError, SwitchInProgress
+from ..errors import ConfigError, ReplicatorError, SwitchError, SwitchInProgress
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -36,10 +36,14 @@ def load_or_create_token(path: Path) -> str:
     """Read the API token, creating a random one (mode 0600) if the file does not exist."""
     try:
         token = path.read_text().strip()
-        if token:
-            return token
     except FileNotFoundError:
         pass
+    else:
+        if token:
+            return token
+        # O_EXCL below would fail with a bare FileExistsError; say what is wrong instead.
+        raise ConfigError(f"API token file {path} is empty: write a random string into it, "
+                          "or remove it to have one created")
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_TRUNC, 0o600)
