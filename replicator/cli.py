@@ -329,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "switch, report")
     sp.add_argument("--ram", default="512MiB", help="guest RAM (default 512MiB)")
     sp.add_argument("--mode", choices=("live", "stop"), default="live")
+    sp.add_argument("--tracker", choices=("scan", "qemu-precopy"), default="qemu-precopy",
+                    help="how dirty pages are found (default qemu-precopy)")
     sp.add_argument("--dirty", type=float, default=5.0, help="guest dirty rate, MB/s")
     sp.add_argument("--fill", type=int, default=50, help="percent of guest RAM filled")
     sp.add_argument("--replicate-seconds", type=float, default=8.0)

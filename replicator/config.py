@@ -127,7 +127,7 @@ class StreamConfig:
     # relay drains its socket in short bursts when idle and continuously when there is a backlog.
     precopy_burst: float = 0.001            # seconds of draining per idle burst
     precopy_interval: float = 0.25          # seconds between idle bursts
-    precopy_backlog: int = 256 * 1024       # bytes in one burst that mean "backlog: keep going"
+    precopy_backlog: int = 4 * 1024 * 1024  # QEMU's ram.remaining above this: drain nonstop
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,16 +142,16 @@ async def run_demo(args: argparse.Namespace) -> dict:
     (work / "laptop.toml").write_text(_toml(lap_cfg))
     sink = Daemon("laptop", work / "laptop.toml", lap, work / "laptop.log")
     source: Daemon | None = None
-    result: dict[str, Any] = {"ram_bytes": ram, "mode": args.mode}
+    result: dict[str, Any] = {"ram_bytes": ram, "mode": args.mode, "tracker": args.tracker}
     try:
         say(f"replicator demo: {ram >> 20} MiB guest ({accel.upper()}), fill {args.fill}%, "
-            f"dirtying {args.dirty:g} MiB/s; work dir {work}")
+            f"dirtying {args.dirty:g} MiB/s, tracker {args.tracker}; work dir {work}")
         sink.start()
         await sink.wait_api()
         _, st = await sink.request("GET", "/api/v1/status")
         desk_cfg = {
             "node": {"name": "desktop", "role": "source", "state_dir": str(desk)},
-            "domain": {"name": "demo", "driver": "qemu", "qemu": {
+            "domain": {"name": "demo", "driver": "qemu", "tracker": args.tracker, "qemu": {
                 **qemu, "launch": True, "ram_path": str(desk / "guest-ram"),
                 "serial_log": str(desk / "serial.log")}},
             "peer": {"address": st["listen"], "id": lap_id},
@@ -186,7 +186,9 @@ async def run_demo(args: argparse.Namespace) -> dict:
                 f"{st.get('switch_estimate_seconds', 0) * 1000:10.0f} ms  "
                 f"{'yes' if st.get('in_sync') else 'no'}")
             elapsed = time.monotonic() - t_rep
-            if elapsed >= args.replicate_seconds and st.get("acked_epoch", 0) > 0:
+            pre = st.get("precopy") or {}
+            going = st.get("acked_epoch", 0) > 0 or (pre.get("dirty_sync_count") or 0) >= 2
+            if elapsed >= args.replicate_seconds and going:
                 break
             if elapsed > args.replicate_seconds + 120:
                 raise ReplicatorError("replication did not get going; see the daemon logs")

@@ -78,6 +78,7 @@ class PrecopyReplicator(SourceReplicator):
         self.relayed_bytes = 0
         self.stream_bytes = 0
         self.device_state_started = False
+        self.device_state_offset = 0
         self._caught_up_at: float | None = None
         self._qsock: socket.socket | None = None
         self._editor: PrecopyEditor | None = None
@@ -193,6 +194,7 @@ class PrecopyReplicator(SourceReplicator):
                 self.iterations += 1
             elif type(ev).__name__ == "DeviceStateBegin":
                 self.device_state_started = True
+                self.device_state_offset = ev.offset
         self.stream_bytes += len(chunk)
         data = b"".join(out)
         if data:
@@ -243,9 +245,9 @@ class PrecopyReplicator(SourceReplicator):
                         break
                     await self._forward(link, sid, memoryview(self._buf)[:n])
                 continue
+            # QEMU has no real backlog: what is still in flight is at most one interval old.
             self.pacing = "idle"
-            if drained:
-                self._caught_up_at = time.monotonic()
+            self._caught_up_at = time.monotonic()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.switching.wait(), s.precopy_interval)
         self.qemu_done.set()
@@ -367,7 +369,9 @@ class PrecopySwitcher(Switcher):
             await asyncio.sleep(0.002)
         report.final_delta_pages = rep.pages_forwarded + rep.zero_records - before
         report.final_delta_bytes = report.final_delta_pages * PAGE_SIZE
-        report.catchup_rounds = rep.iterations
+        # "Rounds" here are QEMU's dirty-bitmap syncs while the migration was held open.
+        report.catchup_rounds = int(info.get("ram", {}).get("dirty-sync-count") or 0)
+        report.device_state_bytes = max(0, rep.stream_bytes - rep.device_state_offset)
         report.phase = "verify"
         shipped = rep.ledger.regions[RAM_BACKEND_ID].shipped
         await self._step(report, m.SwitchVerify(report.switch_id, rep.session_no,
