@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -130,7 +130,7 @@ def verify_proof(cert_der: bytes, signature: bytes, nonce: bytes, server_id: str
                    ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise PeerError("the peer's identity proof does not verify") from None
-    except ValueError as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise PeerError(f"the peer's certificate is unreadable: {exc}") from None
     return client_id
 

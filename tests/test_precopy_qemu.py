@@ -52,6 +52,8 @@ async def start_pair(d: Path, guest) -> tuple[SinkNode, SourceNode]:
     source = SourceNode(source_cfg(d, guest, sink.address[1]))
     await source.start()
     await wait_until(lambda: len(counters(d / "desk.log")) >= 2, 90, "the guest's counter")
+    # The guest fills half its RAM after boot; byte counts below assume that is done.
+    await wait_until(lambda: b"FILLED" in (d / "desk.log").read_bytes(), 90, "the guest's fill")
     await asyncio.wait_for(source.rep.connected.wait(), 30)
     return sink, source
 

@@ -83,6 +83,12 @@ SAMPLES: dict[type, list] = {
     m.SwitchAbort: [m.SwitchAbort("sw-1", "operator cancelled")],
     m.AuthChallenge: [m.AuthChallenge(b"\x07" * 32, "ABCD-EFGH"), m.AuthChallenge(b"", "")],
     m.AuthProof: [m.AuthProof(b"0\x82\x01\x0a" + b"c" * 200, b"s" * 64)],
+    m.PrecopyStart: [m.PrecopyStart(1), m.PrecopyStart(2**40)],
+    m.PrecopyReady: [m.PrecopyReady(7)],
+    m.PrecopyData: [m.PrecopyData(3, b"QEVM\x00\x00\x00\x03" + bytes(4096)),
+                    m.PrecopyData(3, b"")],
+    m.PrecopyReturn: [m.PrecopyReturn(3, b"\x00\x07\x00\x00")],
+    m.SwitchRelease: [m.SwitchRelease("abc123")],
 }
 
 ALL_SAMPLES = [s for cls in m.MESSAGE_TYPES for s in SAMPLES.get(cls, [])]

@@ -29,6 +29,9 @@ from .store import ShadowStore
 log = logging.getLogger(__name__)
 
 MANIFEST_CHUNK_PAGES = 512 * 1024
+# Epochs grow by one per round; a peer jumping far ahead is broken or hostile (and would
+# eventually overflow the 64-bit epoch the journal and the wire carry).
+MAX_EPOCH_STEP = 1 << 20
 
 #: Handler for switch messages: (message, link) -> None. Installed by the switch layer.
 SwitchHandler = Callable[[Any, Link], Awaitable[None]]
@@ -209,14 +212,16 @@ class SinkReceiver:
             if isinstance(msg, m.PageBatch):
                 if msg.region not in npages:
                     raise ProtocolError(f"batch for unknown region {msg.region!r}")
-                if msg.epoch <= store.epoch:
-                    raise ProtocolError(f"batch for epoch {msg.epoch}, already at {store.epoch}")
+                if not store.epoch < msg.epoch <= store.epoch + MAX_EPOCH_STEP:
+                    raise ProtocolError(f"batch for epoch {msg.epoch}, the shadow is at "
+                                        f"{store.epoch}")
                 n = await asyncio.to_thread(self._apply, msg, npages[msg.region])
                 self.metrics.pages_written.inc(n)
                 self._last_batch_at = time.monotonic()
             elif isinstance(msg, m.EpochEnd):
-                if msg.epoch <= store.epoch:
-                    raise ProtocolError(f"epoch {msg.epoch} ends twice")
+                if not store.epoch < msg.epoch <= store.epoch + MAX_EPOCH_STEP:
+                    raise ProtocolError(f"epoch {msg.epoch} cannot end now (the shadow is at "
+                                        f"{store.epoch})")
                 await asyncio.to_thread(store.commit_epoch, msg.epoch)
                 async with self.epoch_committed:
                     self.epoch_committed.notify_all()

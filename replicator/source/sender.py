@@ -121,6 +121,12 @@ class SourceReplicator:
                 log.warning("replication link: %s; reconnecting in %.1fs", self.last_error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+            except Exception as exc:
+                # A bug must not end replication for good: log it loudly, then start over.
+                self.last_error = f"internal error: {exc!r}"
+                log.exception("replication session failed unexpectedly; reconnecting")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
             else:
                 delay = self.cfg.stream.reconnect_delay
             finally:
