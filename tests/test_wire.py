@@ -191,12 +191,11 @@ def test_frame_too_large_after_a_good_frame():
 
 
 def test_frame_too_large_second_header_in_same_feed():
+    # A huge header behind a good frame is refused by feed itself, before anything more is
+    # buffered for it, even though the good frame has not been taken out yet.
     dec = FrameDecoder(max_frame=1000)
-    dec.feed(encode(m.Ping(1)) + HEADER.pack(1 << 30))
-    it = dec.messages()
-    assert next(it) == m.Ping(1)
     with pytest.raises(FrameTooLarge):
-        next(it)
+        dec.feed(encode(m.Ping(1)) + HEADER.pack(1 << 30))
 
 
 def test_frame_at_exact_limit_is_accepted():

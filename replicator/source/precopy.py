@@ -252,24 +252,13 @@ class PrecopyReplicator(SourceReplicator):
                 await asyncio.wait_for(self.switching.wait(), s.precopy_interval)
         self.qemu_done.set()
 
-    async def _recv_loop(self, link: Link) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                msg = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
-            except asyncio.TimeoutError:
-                raise PeerError(f"no word from the sink for {self.cfg.peer.timeout:g}s") from None
-            if isinstance(msg, m.PrecopyReturn):
-                if msg.session == self.session_no and self._qsock is not None:
-                    await loop.sock_sendall(self._qsock, msg.data)
-            elif isinstance(msg, m.Pong):
-                sent = self._ping_sent.pop(msg.nonce, None)
-                if sent is not None:
-                    self.rtt = time.monotonic() - sent
-            elif isinstance(msg, m.ErrorMessage):
-                raise PeerError(f"sink reported: {msg.message}")
-            else:
-                self._responses.put_nowait(msg)
+    async def _on_message(self, msg: Any) -> bool:
+        if isinstance(msg, m.PrecopyReturn):
+            # The shadow's return path, in order, back into the source QEMU's socket.
+            if msg.session == self.session_no and self._qsock is not None:
+                await asyncio.get_running_loop().sock_sendall(self._qsock, msg.data)
+            return True
+        return False
 
     async def _poll_qemu(self) -> None:
         proc = self.driver.proc

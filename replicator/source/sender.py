@@ -162,6 +162,8 @@ class SourceReplicator:
             raise PeerRejected(reply.reason)
         if not isinstance(reply, m.Welcome):
             raise ProtocolError(f"expected Welcome, got {type(reply).__name__}")
+        if not 0 <= reply.acked_epoch < 1 << 62:
+            raise ProtocolError(f"sink reports an impossible acked epoch {reply.acked_epoch}")
         if reply.version != m.PROTOCOL_VERSION:
             raise PeerRejected(f"sink speaks protocol {reply.version}, we speak "
                                f"{m.PROTOCOL_VERSION}")
@@ -324,12 +326,9 @@ class SourceReplicator:
                 msg = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
             except asyncio.TimeoutError:
                 raise PeerError(f"no word from the sink for {self.cfg.peer.timeout:g}s") from None
-            if isinstance(msg, m.Ack):
-                async with self._acked:
-                    self.ledger.acked(msg.epoch)
-                    self._acked.notify_all()
-                self.metrics.acked_epoch.set(msg.epoch)
-            elif isinstance(msg, m.Pong):
+            if await self._on_message(msg):
+                continue
+            if isinstance(msg, m.Pong):
                 sent = self._ping_sent.pop(msg.nonce, None)
                 if sent is not None:
                     self.rtt = time.monotonic() - sent
@@ -337,6 +336,16 @@ class SourceReplicator:
                 raise PeerError(f"sink reported: {msg.message}")
             else:
                 self._responses.put_nowait(msg)
+
+    async def _on_message(self, msg: Any) -> bool:
+        """Tracker-specific messages from the sink; True when handled."""
+        if isinstance(msg, m.Ack):
+            async with self._acked:
+                self.ledger.acked(msg.epoch)
+                self._acked.notify_all()
+            self.metrics.acked_epoch.set(msg.epoch)
+            return True
+        return False
 
     async def _ping_loop(self, link: Link) -> None:
         nonce = 0

@@ -132,11 +132,14 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> None:
         self._buf += data
-        # Check the next header as soon as it is complete, before buffering a huge body.
-        if len(self._buf) >= 4:
-            (n,) = HEADER.unpack_from(self._buf)
+        # Check every complete header as soon as it arrives, before buffering a huge body
+        # (also those behind frames the caller has not taken out yet).
+        pos = 0
+        while len(self._buf) - pos >= 4:
+            (n,) = HEADER.unpack_from(self._buf, pos)
             if n > self.max_frame:
                 raise FrameTooLarge(f"frame of {n} bytes exceeds the limit of {self.max_frame}")
+            pos += 4 + n
 
     def messages(self) -> Iterator[Any]:
         while len(self._buf) >= 4:
