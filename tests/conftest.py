@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
 import subprocess
@@ -21,6 +20,16 @@ from replicator.daemon import SinkNode, SourceNode
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
+GUEST = ROOT / "build" / "guest"
+
+
+@pytest.fixture(scope="session")
+def guest() -> tuple[Path, Path]:
+    """The project's test guest (kernel, initramfs), built by deploy/build-guest.sh if missing."""
+    kernel, initrd = GUEST / "vmlinux", GUEST / "initramfs.cpio.gz"
+    if not kernel.exists():
+        subprocess.run(["bash", str(ROOT / "deploy" / "build-guest.sh"), str(GUEST)], check=True)
+    return kernel, initrd
 
 
 @pytest.fixture
@@ -156,6 +165,22 @@ async def pair_factory():
     yield make
     for p in pairs:
         await p.stop()
+
+
+async def wait_until(cond, timeout: float = 60, what: str = "condition",
+                     interval: float = 0.05) -> None:
+    """Poll ``cond`` (a function, possibly async) until true; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        ok = cond()
+        if asyncio.iscoroutine(ok):
+            ok = await ok
+        if ok:
+            return
+        if loop.time() > end:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def files_equal(a: Path, b: Path) -> bool:

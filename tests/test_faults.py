@@ -30,7 +30,7 @@ from replicator.pagefile import digest_hashes, hash_file
 from replicator.sink.store import UNKNOWN, ShadowStore
 from replicator.wire import messages as m
 
-from .conftest import ROOT, Pair, file_configs, files_equal, pair_ids
+from .conftest import ROOT, Pair, file_configs, files_equal, pair_ids, wait_until
 
 MiB = 1024 * 1024
 log = logging.getLogger(__name__)
@@ -64,21 +64,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-async def wait_until(cond, timeout: float = 60, what: str = "condition",
-                     interval: float = 0.1) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        ok = cond()
-        if asyncio.iscoroutine(ok):
-            ok = await ok
-        if ok:
-            return
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 def proc_state(pid: int) -> str:

@@ -42,7 +42,7 @@ from replicator.wire.codec import HEADER, FrameDecoder, decode_body, encode
 from replicator.wire.pages import (MAX_BATCH_PAGES, ZERO_HASH, Compressor, decode_batch,
                                    encode_batch, hash_pages)
 
-from .conftest import Pair, file_configs, files_equal
+from .conftest import Pair, file_configs, files_equal, wait_until
 
 MiB = 1024 * 1024
 MAX_FRAME = 1 << 16            # the decoder limit used for the bulk (small: oversize is cheap)
@@ -420,15 +420,6 @@ def test_hypothesis_spliced_frames_only_protocol_errors(seed, data, where):
 
 RAM = 16 * MiB
 NPAGES = RAM // PAGE_SIZE
-
-
-async def wait_until(cond, timeout: float = 60, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _ids(d: Path) -> tuple[Identity, str, str]:

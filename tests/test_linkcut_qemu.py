@@ -22,7 +22,8 @@ from replicator.demo import _toml, counters
 
 from .conftest import ROOT, pair_ids
 from .netns import LAP_ADDR, TwoHosts
-from .test_switch_qemu import qemu_table, wait_until
+from .conftest import wait_until
+from .test_switch_qemu import qemu_table
 
 pytestmark = pytest.mark.qemu
 
@@ -63,11 +64,7 @@ async def status(sock: Path) -> dict:
     ("source-device-sent", "desk"),    # device state sent, commit lost: the source resumes
     ("sink-committed", "lap"),         # the sink committed: the source stays paused
 ])
-async def test_link_cut_during_switch(shm_dir, hosts, phase, expect_on):
-    from tests.test_switch_qemu import GUEST
-    guest = (GUEST / "vmlinux", GUEST / "initramfs.cpio.gz")
-    if not guest[0].exists():
-        subprocess.run(["bash", str(ROOT / "deploy" / "build-guest.sh"), str(GUEST)], check=True)
+async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on):
     d = shm_dir
     faults = d / "faults"
     faults.mkdir()

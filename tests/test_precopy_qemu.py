@@ -11,7 +11,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,8 @@ from replicator.demo import _toml, counters
 from replicator.errors import SwitchError
 
 from .conftest import ROOT, pair_ids
-from .test_switch_qemu import RAM, assert_continues, guest, qemu_table, wait_until  # noqa: F401
+from .conftest import wait_until
+from .test_switch_qemu import RAM, assert_continues, qemu_table
 
 pytestmark = pytest.mark.qemu
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import numpy as np
@@ -11,18 +10,9 @@ import pytest
 from replicator.config import PAGE_SIZE
 from replicator.errors import SwitchError
 
-from .conftest import files_equal
+from .conftest import files_equal, wait_until
 
 MiB = 1024 * 1024
-
-
-async def wait_for(cond, timeout: float = 30, interval: float = 0.05):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval)
 
 
 async def test_replicates_under_load_until_shadow_equals_source(shm_dir, workload, pair_factory):
@@ -30,7 +20,7 @@ async def test_replicates_under_load_until_shadow_equals_source(shm_dir, workloa
     pair = await pair_factory(shm_dir)
     rep = pair.source.rep
     # While the workload dirties pages, the stream keeps going: several epochs get acked.
-    await wait_for(lambda: rep.ledger.acked_epoch >= 5)
+    await wait_until(lambda: rep.ledger.acked_epoch >= 5)
     assert rep.ledger.raw_sent >= 48 * MiB          # at least the filled part went once
     wl.pause()
     assert await rep.verify()
@@ -70,7 +60,7 @@ async def test_sink_restart_resumes_without_full_resend(shm_dir, workload, pair_
     # Sink goes away; meanwhile 37 pages change; a new sink process state takes over.
     await pair.sink.stop()
     pair.sink = None
-    await wait_for(lambda: not rep.connected.is_set())
+    await wait_until(lambda: not rep.connected.is_set())
     fd = os.open(shm_dir / "ram", os.O_RDWR)
     changed = np.random.default_rng(1).choice(16384, size=37, replace=False)
     for p in changed.tolist():
@@ -94,7 +84,7 @@ async def test_layout_mismatch_is_refused_with_clear_error(shm_dir, workload, pa
     # The domain grew: the shadow must not silently accept a different layout.
     os.truncate(shm_dir / "ram", 16 * MiB)
     src = await pair.start_source()
-    await wait_for(lambda: "layout mismatch" in src.rep.last_error, timeout=10)
+    await wait_until(lambda: "layout mismatch" in src.rep.last_error, timeout=10)
     assert "ram0=8388608" in src.rep.last_error and "ram0=16777216" in src.rep.last_error
     assert not src.rep.connected.is_set()
     wl.stop()

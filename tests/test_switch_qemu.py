@@ -7,11 +7,9 @@ the count (a reboot would restart it at 0; stale RAM would jump back or panic).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,19 +20,10 @@ from replicator.demo import counters
 from replicator.errors import SwitchError
 from replicator.vmm.qemu import QemuProcess
 
-from .conftest import ROOT, pair_ids
+from .conftest import ROOT, pair_ids, wait_until
 
 pytestmark = pytest.mark.qemu
-GUEST = ROOT / "build" / "guest"
 RAM = 256 * 1024 * 1024
-
-
-@pytest.fixture(scope="session")
-def guest() -> tuple[Path, Path]:
-    kernel, initrd = GUEST / "vmlinux", GUEST / "initramfs.cpio.gz"
-    if not kernel.exists():
-        subprocess.run(["bash", str(ROOT / "deploy" / "build-guest.sh"), str(GUEST)], check=True)
-    return kernel, initrd
 
 
 def qemu_table(guest: tuple[Path, Path], **extra) -> dict:
@@ -57,15 +46,6 @@ def source_config(d: Path, guest, port: int):
         "domain": {"name": "vm", "driver": "qemu", "qemu": qemu_table(
             guest, launch=True, ram_path=str(d / "desk-ram"), serial_log=str(d / "desk.log"))},
         "peer": {"address": f"127.0.0.1:{port}", "id": sink_id}})
-
-
-async def wait_until(cond, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 async def boot_and_sync(source: SourceNode, d: Path) -> None:

@@ -10,7 +10,6 @@ aborts the switch here: the source resumes its VM.
 from __future__ import annotations
 
 import abc
-import asyncio
 import logging
 import time
 from typing import Any
