@@ -7,6 +7,7 @@ Reads go through ``preadv`` into one reusable buffer and skip holes with ``SEEK_
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 import numpy as np
@@ -42,13 +43,31 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
         return [(0, size)]               # filesystem without SEEK_DATA: read everything
 
 
-def hash_file(fd: int, size: int, buf: bytearray | None = None) -> np.ndarray:
-    """xxh3-64 of every page of the first ``size`` bytes of ``fd`` (holes/past EOF are zero)."""
+def hash_file(fd: int, size: int, buf: bytearray | None = None,
+              mapping: mmap.mmap | None = None) -> np.ndarray:
+    """xxh3-64 of every page of the first ``size`` bytes of ``fd`` (holes/past EOF are zero).
+
+    With ``mapping`` (a shared read-only map of the whole file) data extents are hashed in
+    place, without copying them through ``buf``; holes are never touched, so a sparse tmpfs
+    file allocates nothing. The map is used only while the file is at least ``size`` long
+    (touching a mapped page past EOF would raise SIGBUS).
+    """
     npages = size // PAGE_SIZE
     cur = np.full(npages, ZERO_HASH, dtype=np.uint64)
+    st_size = os.fstat(fd).st_size
+    if mapping is not None and st_size >= size and len(mapping) >= size:
+        whole = memoryview(mapping)
+        try:
+            for start, end in data_extents(fd, size):
+                for off in range(start, end, CHUNK_PAGES * PAGE_SIZE):
+                    stop = min(end, off + CHUNK_PAGES * PAGE_SIZE)
+                    cur[off // PAGE_SIZE:stop // PAGE_SIZE] = hash_pages(
+                        whole[off:stop], (stop - off) // PAGE_SIZE)
+        finally:
+            whole.release()
+        return cur
     buf = buf if buf is not None else bytearray(CHUNK_PAGES * PAGE_SIZE)
     mv = memoryview(buf)
-    st_size = os.fstat(fd).st_size
     for start, end in data_extents(fd, min(size, st_size)):
         off = start
         while off < end:

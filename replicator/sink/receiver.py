@@ -65,8 +65,9 @@ class SinkReceiver:
     async def start(self) -> tuple[str, int]:
         host, port = parse_address(self.cfg.peer.listen, key="peer.listen")
         ssl_ctx = self.identity.server_context() if self.identity is not None else None
-        self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20,
-                                                  ssl=ssl_ctx, ssl_handshake_timeout=self.cfg.peer.timeout)
+        self._server = await asyncio.start_server(
+            self._handle, host, port, limit=1 << 20, ssl=ssl_ctx,
+            ssl_handshake_timeout=self.cfg.peer.timeout if ssl_ctx is not None else None)
         sock = self._server.sockets[0].getsockname()
         log.info("sink listening on %s:%d for domain %s", sock[0], sock[1], self.cfg.domain.name)
         return sock[0], sock[1]
@@ -215,7 +216,8 @@ class SinkReceiver:
                 if not store.epoch < msg.epoch <= store.epoch + MAX_EPOCH_STEP:
                     raise ProtocolError(f"batch for epoch {msg.epoch}, the shadow is at "
                                         f"{store.epoch}")
-                n = await asyncio.to_thread(self._apply, msg, npages[msg.region])
+                # Inline: ~0.5 ms per 1 MiB batch; a thread hop per batch cost as much again.
+                n = self._apply(msg, npages[msg.region])
                 self.metrics.pages_written.inc(n)
                 self._last_batch_at = time.monotonic()
             elif isinstance(msg, m.EpochEnd):

@@ -101,6 +101,7 @@ class Ledger:
         self.wire_sent = 0
         self._busy_bytes = 0
         self._busy_time = 0.0
+        self._baseline_round = True
 
     @classmethod
     def for_regions(cls, regions: list[Region]) -> "Ledger":
@@ -116,6 +117,7 @@ class Ledger:
         self.epochs.clear()
         self.pending_pages = self.inflight_pages = 0
         self.acked_epoch = self.sent_epoch = acked_epoch
+        self._baseline_round = True
 
     # --- tracker side --------------------------------------------------------------------------
 
@@ -131,7 +133,13 @@ class Ledger:
         self.epochs[epoch] = EpochInfo(epoch, started, n)
         self.last_round_seconds = duration
         self.last_round_dirty = n
-        self.dirty_rate.add(n * PAGE_SIZE)
+        if self._baseline_round:
+            # The first round after (re)connecting finds everything the sink lacks, which says
+            # nothing about how fast the guest dirties memory.
+            self._baseline_round = False
+            self.dirty_rate = _Rate()
+        else:
+            self.dirty_rate.add(n * PAGE_SIZE)
         return n
 
     # --- sender side ---------------------------------------------------------------------------

