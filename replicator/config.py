@@ -103,7 +103,8 @@ class DomainConfig:
     """The domain (VM) being replicated."""
     name: str = "vm"
     driver: Literal["file", "qemu"] = "file"
-    tracker: Literal["scan", "qemu-precopy"] = "scan"
+    # auto: qemu-precopy for QEMU domains (no O(RAM) step in the switch), scan otherwise.
+    tracker: Literal["auto", "scan", "qemu-precopy"] = "auto"
     regions: tuple[RegionConfig, ...] = ()
     pause_command: tuple[str, ...] = ()
     resume_command: tuple[str, ...] = ()
@@ -279,6 +280,8 @@ def _validate(cfg: Config, path: str | None) -> None:
             bad(f"domain.regions[{i}].size", f"must be a multiple of {PAGE_SIZE}")
     if cfg.node.role == "source" and d.driver == "file" and not d.regions:
         bad("domain.regions", "a file domain needs at least one region")
+    if d.tracker == "qemu-precopy" and d.driver != "qemu":
+        bad("domain.tracker", 'qemu-precopy needs driver = "qemu"')
     if d.driver == "qemu" and d.qemu.ram_size % PAGE_SIZE:
         bad("domain.qemu.ram_size", f"must be a multiple of {PAGE_SIZE}")
 
@@ -302,4 +305,7 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> Config:
     cfg = _build(Config, table, "", path)
     cfg = dataclasses.replace(cfg, source_path=path)
     _validate(cfg, path)
+    if cfg.domain.tracker == "auto":
+        chosen = "qemu-precopy" if cfg.domain.driver == "qemu" else "scan"
+        cfg = dataclasses.replace(cfg, domain=dataclasses.replace(cfg.domain, tracker=chosen))
     return cfg

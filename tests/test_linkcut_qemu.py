@@ -59,12 +59,13 @@ async def status(sock: Path) -> dict:
     return st
 
 
+@pytest.mark.parametrize("tracker", ["scan", "qemu-precopy"])
 @pytest.mark.parametrize("phase,expect_on", [
     ("source-paused", "desk"),         # before the final delta: the source resumes
     ("source-device-sent", "desk"),    # device state sent, commit lost: the source resumes
     ("sink-committed", "lap"),         # the sink committed: the source stays paused
 ])
-async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on):
+async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, tracker):
     d = shm_dir
     faults = d / "faults"
     faults.mkdir()
@@ -79,7 +80,7 @@ async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on):
         "control": {"listen": f"unix:{d / 'lap.sock'}"}}))
     (d / "desk.toml").write_text(_toml({
         "node": {"name": "desktop", "role": "source", "state_dir": str(d / "desk")},
-        "domain": {"name": "vm", "driver": "qemu", "qemu": {
+        "domain": {"name": "vm", "driver": "qemu", "tracker": tracker, "qemu": {
             **q, "launch": True, "ram_path": str(d / "desk-ram"),
             "serial_log": str(d / "desk.log")}},
         "peer": {"address": f"{LAP_ADDR}:7400", "id": lap_id, **timeouts},
@@ -97,7 +98,9 @@ async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on):
 
         async def synced() -> bool:
             st = await status(d / "desk.sock")
-            return st["peer"]["connected"] and st["acked_epoch"] >= 2
+            pre = st.get("precopy") or {}
+            return st["peer"]["connected"] and (
+                st["acked_epoch"] >= 2 or (pre.get("dirty_sync_count") or 0) >= 2)
         for _ in range(300):
             if await synced():
                 break

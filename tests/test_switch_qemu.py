@@ -43,7 +43,7 @@ def source_config(d: Path, guest, port: int):
     _, sink_id = pair_ids(d / "desk", d / "lap")
     return load_config({
         "node": {"name": "desktop", "role": "source", "state_dir": str(d / "desk")},
-        "domain": {"name": "vm", "driver": "qemu", "qemu": qemu_table(
+        "domain": {"name": "vm", "driver": "qemu", "tracker": "scan", "qemu": qemu_table(
             guest, launch=True, ram_path=str(d / "desk-ram"), serial_log=str(d / "desk.log"))},
         "peer": {"address": f"127.0.0.1:{port}", "id": sink_id}})
 
