@@ -79,6 +79,7 @@ class PrecopyReplicator(SourceReplicator):
         self.stream_bytes = 0
         self.device_state_started = False
         self.device_state_offset = 0
+        self._backlog = True
         self._caught_up_at: float | None = None
         self._qsock: socket.socket | None = None
         self._editor: PrecopyEditor | None = None
@@ -116,6 +117,7 @@ class PrecopyReplicator(SourceReplicator):
         self.device_state_started = False
         self.qemu_info = {}                       # figures of the previous migration are void
         self.pacing = "backlog"
+        self._backlog = True
         self._caught_up_at = None
         self._session_tasks = [
             asyncio.create_task(self._recv_loop(link), name="receiver"),
@@ -235,8 +237,7 @@ class PrecopyReplicator(SourceReplicator):
                     return
                 got += n
                 await self._forward(link, sid, memoryview(self._buf)[:n])
-            remaining = int(self.qemu_info.get("ram", {}).get("remaining") or 0)
-            if remaining > s.precopy_backlog or not self.qemu_info:
+            if self._backlog or not self.qemu_info:
                 # Bulk pass or heavy dirtying: keep QEMU's socket drained.
                 self.pacing = "backlog"
                 if drained:
@@ -262,13 +263,34 @@ class PrecopyReplicator(SourceReplicator):
 
     async def _poll_qemu(self) -> None:
         proc = self.driver.proc
+        last_syncs, last_bytes = 0, self.stream_bytes
         while True:
             with contextlib.suppress(QemuError, asyncio.TimeoutError):
                 self.qemu_info = await proc.query_migrate()
                 if self.qemu_info.get("status") in ("failed", "cancelled"):
                     raise PeerError(f"QEMU's precopy migration {self.qemu_info['status']}: "
                                     f"{self.qemu_info.get('error-desc', '')}")
+                ram = self.qemu_info.get("ram", {})
+                syncs = int(ram.get("dirty-sync-count") or 0)
+                self._backlog = self._judge_backlog(int(ram.get("remaining") or 0),
+                                                    syncs - last_syncs,
+                                                    self.stream_bytes - last_bytes)
+                last_syncs, last_bytes = syncs, self.stream_bytes
             await asyncio.sleep(self.cfg.stream.precopy_interval)
+
+    def _judge_backlog(self, remaining: int, syncs: int, streamed: int) -> bool:
+        """Does QEMU have real work queued (drain nonstop) or is it only spinning (pace)?
+
+        ``ram.remaining`` counts only what QEMU's last bitmap sync found, and a QEMU blocked on
+        our socket does not sync, so it understates the backlog. The telling sign is the sync
+        count: a QEMU with little to send finishes passes and re-syncs, over and over; one that
+        streamed bytes through a whole interval without finishing a single pass has a backlog.
+        """
+        if remaining > self.cfg.stream.precopy_backlog:
+            return True
+        if not self._backlog:
+            return syncs == 0 and streamed > 0
+        return syncs < 4
 
     # --- status --------------------------------------------------------------------------------
 
