@@ -73,7 +73,8 @@ class SourceReplicator:
         self._wake = asyncio.Event()
         self._acked = asyncio.Condition()
         self._next_epoch = 1
-        self._responses: asyncio.Queue[Any] = asyncio.Queue()
+        # Answers to requests (switch steps, verify): bounded, a peer cannot flood us.
+        self._responses: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
         self._scanning = asyncio.Event()
         self._scanning.set()
         self._drained = asyncio.Event()          # no round queued or being sent
@@ -345,7 +346,11 @@ class SourceReplicator:
             elif isinstance(msg, m.ErrorMessage):
                 raise PeerError(f"sink reported: {msg.message}")
             else:
-                self._responses.put_nowait(msg)
+                try:
+                    self._responses.put_nowait(msg)
+                except asyncio.QueueFull:
+                    raise ProtocolError("the sink sent more answers than were asked for") \
+                        from None
 
     async def _on_message(self, msg: Any) -> bool:
         """Tracker-specific messages from the sink; True when handled."""
@@ -374,6 +379,11 @@ class SourceReplicator:
             raise PeerError("not connected to the sink")
         await link.send_frame(encode(msg), limited=False)
         return await self.next_response(expect, timeout)
+
+    def drop_responses(self) -> None:
+        """Forget answers nobody waited for (e.g. from an earlier, failed switch)."""
+        while not self._responses.empty():
+            self._responses.get_nowait()
 
     async def next_response(self, expect: type | tuple[type, ...], timeout: float = 30.0) -> Any:
         async def get() -> Any:

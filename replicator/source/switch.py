@@ -164,10 +164,15 @@ class Switcher:
         return await self._expect(report, step)
 
     async def _expect(self, report: SwitchReport, step: str) -> m.SwitchResult:
-        reply = await self.rep.next_response((m.SwitchResult, m.SwitchReady), self.step_timeout)
+        while True:
+            reply = await self.rep.next_response((m.SwitchResult, m.SwitchReady),
+                                                 self.step_timeout)
+            if reply.switch_id == report.switch_id:
+                break
+            log.debug("ignoring a late answer for switch %s", reply.switch_id)
         if isinstance(reply, m.SwitchReady):
             return m.SwitchResult(reply.switch_id, step, True)
-        if reply.switch_id != report.switch_id or reply.step != step:
+        if reply.step != step:
             raise SwitchError(f"sink answered {reply.step!r} for switch {reply.switch_id}, "
                               f"expected {step!r} for {report.switch_id}")
         if not reply.ok:
@@ -183,6 +188,7 @@ class Switcher:
             if not rep.connected.is_set():
                 raise SwitchError(f"sink not connected ({rep.last_error or 'connecting'})")
             report.phase = "prepare"
+            rep.drop_responses()
             await self._step(report, m.SwitchPrepare(report.switch_id, report.mode), "prepare")
             await self._hand_over_memory(report, ctx)
             await self._commit(report, ctx)
