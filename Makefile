@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 GUEST   ?= build/guest
 STAMP   := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench bench-quick deps venv guest clean
+.PHONY: test test-fast demo bench bench-quick compare compare-quick deps venv guest clean
 
 $(STAMP): pyproject.toml
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v busybox >/dev/null \
@@ -36,8 +36,19 @@ test-fast: $(STAMP)
 demo: $(STAMP) guest
 	$(BIN)/replicator demo
 
-bench: $(STAMP) guest
+bench: $(STAMP) guest          # root: network namespaces + tc; ~25 min
 	$(BIN)/python -m bench.stream
+	$(BIN)/python -m bench.compare --out bench/RESULTS.md
+
+bench-quick: $(STAMP) guest    # ~5 min
+	$(BIN)/python -m bench.stream --quick
+	$(BIN)/python -m bench.compare --quick
+
+compare: $(STAMP) guest
+	$(BIN)/python -m bench.compare --out bench/RESULTS.md
+
+compare-quick: $(STAMP) guest
+	$(BIN)/python -m bench.compare --quick
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -122,6 +122,7 @@ class StreamConfig:
     bandwidth_limit: int = 0                # bytes per second on the wire; 0 = unlimited
     scan_interval_min: float = 0.05         # seconds between scan rounds (adaptive within)
     scan_interval_max: float = 1.0
+    scan_max_duty: float = 0.5              # scanning uses at most this share of one core
     max_inflight_epochs: int = 4            # epochs sent but not yet acknowledged
     reconnect_delay: float = 0.5
     # qemu-precopy pacing: with little to send QEMU busy-loops on dirty-bitmap syncs, so the
@@ -248,6 +249,8 @@ def _validate(cfg: Config, path: str | None) -> None:
         bad("stream.zstd_level", "must be between 1 and 19")
     if s.scan_interval_min <= 0 or s.scan_interval_max < s.scan_interval_min:
         bad("stream.scan_interval_max", "need 0 < scan_interval_min <= scan_interval_max")
+    if not 0 < s.scan_max_duty <= 1:
+        bad("stream.scan_max_duty", "must be in (0, 1]")
     if s.max_inflight_epochs < 1:
         bad("stream.max_inflight_epochs", "must be at least 1")
     if cfg.peer.id:

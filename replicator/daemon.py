@@ -229,6 +229,24 @@ class SinkNode:
             from .sink.precopy import PrecopySink
             self.precopy = PrecopySink(self.receiver, self.switch_handler)
         self.address = await self.receiver.start()
+        if self.cfg.domain.driver == "qemu":
+            self._prestart = asyncio.create_task(self._prestart_shadow(), name="prestart")
+            self._prestart.add_done_callback(_log_crash)
+
+    async def _prestart_shadow(self) -> None:
+        """Start the shadow (paused, waiting) once replication is under way, so a switch does
+        not pay for launching QEMU. The precopy relay starts its own shadow per session."""
+        rec, shadow = self.receiver, self.switch_handler.shadow
+        while True:
+            await asyncio.sleep(1.0)
+            store = rec.store
+            if (rec.connected.is_set() and rec.stream_kind == "scan" and store is not None
+                    and store.epoch >= 1 and not store.handed_over and shadow.proc is None):
+                try:
+                    await shadow.prepare(rec.vm_description)
+                except ReplicatorError as exc:
+                    log.warning("could not pre-start the shadow (will retry at switch): %s", exc)
+                    await asyncio.sleep(30)
 
     def publish(self) -> None:
         pass
@@ -263,6 +281,11 @@ class SinkNode:
         raise ReplicatorError("switches are started on the source (the host running the VM)")
 
     async def stop(self) -> None:
+        task = getattr(self, "_prestart", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self.switch_handler is not None:
             await self.switch_handler.shadow.close()
         if self.receiver is not None:

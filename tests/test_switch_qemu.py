@@ -95,12 +95,16 @@ async def test_switch_refused_when_shadow_not_verified(shm_dir, guest):
         await source.start()
         await boot_and_sync(source, shm_dir)
         sink.receiver.store.regions["ram0"].hashes[1234] ^= 1    # shadow no longer trusted
+        shadow = sink.switch_handler.shadow
         with pytest.raises(SwitchError, match="differs from the source"):
             await source.switch("stop")
         assert await source.driver.proc.status() == "running"
-        shadow = sink.switch_handler.shadow
-        # The sink discards the shadow that took part in a failed switch; it never ran.
-        await wait_until(lambda: shadow.proc is None, 10, "the sink to abort its shadow")
+        # The sink discards the shadow that took part in the failed switch (a fresh one may be
+        # pre-started for the next attempt); none of them ever ran.
+        failed = shadow.proc
+        assert failed is not None
+        await wait_until(lambda: shadow.proc is not failed, 10, "the sink to abort its shadow")
+        assert failed.returncode is not None
         assert not shadow.running
         n = len(counters(shm_dir / "desk.log"))
         await wait_until(lambda: len(counters(shm_dir / "desk.log")) > n + 1, 10,

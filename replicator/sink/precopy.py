@@ -59,6 +59,7 @@ class PrecopySink:
 
     async def handle(self, msg: Any, link: Link) -> None:
         if isinstance(msg, m.PrecopyStart):
+            self.receiver.stream_kind = "precopy"
             await self._start(msg.session, link)
         elif isinstance(msg, m.PrecopyData):
             if msg.session != self.session or self._qsock is None:

@@ -10,6 +10,7 @@ the source's structured description (validated by :class:`VmSpec`; never a comma
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -61,6 +62,7 @@ class QemuShadow(Shadow):
         self.running = False
         self.workdir = Path(cfg.node.state_dir) / cfg.domain.name
         self.serial_log = cfg.domain.qemu.serial_log or self.workdir / "shadow-serial.log"
+        self._lock = asyncio.Lock()
 
     def _spec(self, vm_description: bytes) -> VmSpec:
         q = self.cfg.domain.qemu
@@ -89,6 +91,10 @@ class QemuShadow(Shadow):
                     "same path")
 
     async def prepare(self, vm_description: bytes) -> None:
+        async with self._lock:
+            await self._prepare(vm_description)
+
+    async def _prepare(self, vm_description: bytes) -> None:
         if self.proc is not None and self.proc.returncode is None:
             return
         spec = self._spec(vm_description)
@@ -117,9 +123,10 @@ class QemuShadow(Shadow):
 
     async def abort(self) -> None:
         # A shadow that loaded device state cannot take another stream: start afresh next time.
-        if self.proc is not None and not self.running:
-            await self.proc.close()
-            self.proc = None
+        async with self._lock:
+            if self.proc is not None and not self.running:
+                await self.proc.close()
+                self.proc = None
 
     def status(self) -> dict:
         return {"kind": "qemu", "running": self.running,

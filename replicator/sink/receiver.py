@@ -52,6 +52,7 @@ class SinkReceiver:
         self.switch_handler: SwitchHandler | None = None
         self.disconnect_handler: Callable[[], Awaitable[None]] | None = None
         self.precopy_handler: SwitchHandler | None = None
+        self.stream_kind = ""                    # "scan" or "precopy", once the source says
         self.connected = asyncio.Event()
         self.epoch_committed = asyncio.Condition()
         self._server: asyncio.base_events.Server | None = None
@@ -218,6 +219,7 @@ class SinkReceiver:
                                         f"{store.epoch}")
                 # Inline: ~0.5 ms per 1 MiB batch; a thread hop per batch cost as much again.
                 n = self._apply(msg, npages[msg.region])
+                self.stream_kind = "scan"
                 self.metrics.pages_written.inc(n)
                 self._last_batch_at = time.monotonic()
             elif isinstance(msg, m.EpochEnd):

@@ -234,6 +234,9 @@ class SourceReplicator:
             # Busy guest: scan again soon; quiet guest: back off (scans cost CPU).
             interval = s.scan_interval_min if rnd.pages else min(interval * 1.5,
                                                                  s.scan_interval_max)
+            # A Linux guest always dirties a few pages, so the back-off above rarely engages:
+            # rest long enough that scanning uses at most scan_max_duty of a core.
+            interval = max(interval, rnd.duration * (1 / s.scan_max_duty - 1))
 
     async def _round(self) -> tuple[int, Round]:
         async with self._round_lock:
@@ -250,9 +253,12 @@ class SourceReplicator:
             await self._queue.put((epoch, rnd))
             return epoch, rnd
 
-    def pause_scanning(self) -> None:
-        """Stop the periodic scanner (rounds still run through :meth:`sync`)."""
+    async def pause_scanning(self) -> None:
+        """Stop the periodic scanner (rounds still run through :meth:`sync`) and wait until a
+        round it already started is queued, so that scan is not paid while the VM is paused."""
         self._scanning.clear()
+        async with self._round_lock:
+            pass
 
     def resume_scanning(self) -> None:
         self._scanning.set()

@@ -213,7 +213,7 @@ class Switcher:
         rep = self.rep
         await self.driver.prepare_switch()
         # Catch up while running (live).
-        rep.pause_scanning()
+        await rep.pause_scanning()
         if report.mode == "live":
             report.phase = "catch-up"
             for _ in range(CATCHUP_MAX_ROUNDS):
