@@ -86,6 +86,7 @@ class SinkSwitch:
         self.loaded = False
         self.committed = False
         self.last_result: dict[str, Any] | None = None
+        self.aborts = 0                          # switches abandoned before a commit
         self._chunks: list[bytes] = []
         self._size = 0
         receiver.switch_handler = self.handle
@@ -162,6 +163,7 @@ class SinkSwitch:
                 log.warning("switch %s aborted by the source: %s", msg.switch_id, msg.reason)
                 await self.shadow.abort()
                 self._reset()
+                self.aborts += 1
         except ReplicatorError as exc:
             step = type(msg).__name__
             if not self.committed:
@@ -174,3 +176,4 @@ class SinkSwitch:
                         self.switch_id)
             await self.shadow.abort()
             self._reset()
+            self.aborts += 1
