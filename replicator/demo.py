@@ -227,7 +227,10 @@ async def run_demo(args: argparse.Namespace) -> dict:
         say(f"  guest RAM             {_fmt_bytes(ram)}")
         say(f"  sent (wire / raw)     {_fmt_bytes(result['sent_bytes'])} / "
             f"{_fmt_bytes(result['raw_bytes'])}")
-        say(f"  mode                  {args.mode} ({sw['catchup_rounds']} catch-up rounds)")
+        rounds = ("QEMU dirty-log syncs while held open" if args.tracker == "qemu-precopy"
+                  else "catch-up rounds")
+        say(f"  mode                  {args.mode}, tracker {args.tracker} "
+            f"({sw['catchup_rounds']} {rounds})")
         say(f"  final delta           {sw['final_delta_pages']} pages, device state "
             f"{_fmt_bytes(sw['device_state_bytes'])}")
         say(f"  downtime              {sw['downtime_ms']:.1f} ms (desktop paused -> laptop "

@@ -363,7 +363,10 @@ class PrecopySwitcher(Switcher):
             await self.driver.pause()
         ctx.paused = True
         await checkpoint("source-paused")
-        before = rep.pages_forwarded + rep.zero_records
+        def records() -> int:
+            return rep.pages_forwarded + rep.zero_records + rep.pages_dropped
+
+        before = records()
         await self._expect(report, "loaded")
         stop = await proc.wait_event("STOP", timeout=self.step_timeout, after=mark) \
             if report.mode == "live" else None
@@ -378,7 +381,7 @@ class PrecopySwitcher(Switcher):
             if info.get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
                 raise SwitchError(f"source QEMU's migration ended {info.get('status')!r}")
             await asyncio.sleep(0.002)
-        report.final_delta_pages = rep.pages_forwarded + rep.zero_records - before
+        report.final_delta_pages = records() - before
         report.final_delta_bytes = report.final_delta_pages * PAGE_SIZE
         # "Rounds" here are QEMU's dirty-bitmap syncs while the migration was held open.
         report.catchup_rounds = int(info.get("ram", {}).get("dirty-sync-count") or 0)
