@@ -10,20 +10,18 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from replicator.cli import _request
 from replicator.config import load_config
 from replicator.daemon import SinkNode, SourceNode
-from replicator.demo import _toml, counters
+from replicator.demo import counters
 from replicator.errors import SwitchError
 
-from .conftest import ROOT, pair_ids
+from .conftest import pair_ids
 from .conftest import wait_until
-from .test_switch_qemu import RAM, assert_continues, qemu_table
+from .test_switch_qemu import RAM, assert_continues, qemu_table, start_sink_daemon
 
 pytestmark = pytest.mark.qemu
 
@@ -149,22 +147,11 @@ async def test_precopy_resume_after_link_loss_forwards_far_less_than_ram(shm_dir
 async def test_precopy_rollback_when_sink_dies_before_commit(shm_dir, guest):
     """kill -9 of the sink daemon once the shadow loaded the stream: the desktop runs on."""
     d = shm_dir
-    cfg = sink_cfg(d, guest)
-    (d / "lap.toml").write_text(_toml({
-        "node": {"name": "laptop", "role": "sink", "state_dir": str(d / "lap")},
-        "domain": {"name": "vm", "driver": "qemu", "qemu": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in qemu_table(guest).items()}},
-        "peer": {"listen": "127.0.0.1:0", "id": cfg.peer.id, "timeout": 5.0},
-        "control": {"listen": "127.0.0.1:0"}}))
-    proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "run", "-c",
-                             str(d / "lap.toml")], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=open(d / "lap.err", "wb"))
+    proc = None
     source = None
     try:
-        await wait_until(lambda: (d / "lap" / "api-url").exists(), 30, "sink daemon")
-        _, st = await _request("GET", (d / "lap" / "api-url").read_text().strip(),
-                               "/api/v1/status")
-        source = SourceNode(source_cfg(d, guest, int(st["listen"].rsplit(":", 1)[1])))
+        proc, port = await start_sink_daemon(d, guest, timeout=5.0)
+        source = SourceNode(source_cfg(d, guest, port))
         await source.start()
         await wait_until(lambda: len(counters(d / "desk.log")) >= 2, 90, "the guest's counter")
         await asyncio.wait_for(source.rep.connected.wait(), 30)
@@ -191,7 +178,7 @@ async def test_precopy_rollback_when_sink_dies_before_commit(shm_dir, guest):
         shadow_log = d / "lap" / "vm" / "shadow-serial.log"
         assert counters(shadow_log) == []
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
         subprocess.run(["pkill", "-KILL", "-f", str(d / "lap" / "vm")], check=False)
         if source is not None:

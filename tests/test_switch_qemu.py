@@ -54,6 +54,28 @@ async def boot_and_sync(source: SourceNode, d: Path) -> None:
     await wait_until(lambda: source.rep.ledger.acked_epoch >= 2, 60, "first acked epochs")
 
 
+async def start_sink_daemon(d: Path, guest, timeout: float | None = None
+                            ) -> tuple[subprocess.Popen, int]:
+    """A real sink daemon (`replicator run`) for d/lap, paired with d/desk; returns its port."""
+    from replicator.cli import _request
+    from replicator.demo import _toml
+    cfg = sink_config(d, guest)
+    peer = {"listen": "127.0.0.1:0", "id": cfg.peer.id}
+    if timeout is not None:
+        peer["timeout"] = timeout
+    (d / "lap.toml").write_text(_toml({
+        "node": {"name": "laptop", "role": "sink", "state_dir": str(d / "lap")},
+        "domain": {"name": "vm", "driver": "qemu", "qemu": {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in qemu_table(guest).items()}},
+        "peer": peer, "control": {"listen": "127.0.0.1:0"}}))
+    proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "run", "-c",
+                             str(d / "lap.toml")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=open(d / "lap.err", "wb"))
+    await wait_until(lambda: (d / "lap" / "api-url").exists(), 30, "sink daemon")
+    _, st = await _request("GET", (d / "lap" / "api-url").read_text().strip(), "/api/v1/status")
+    return proc, int(st["listen"].rsplit(":", 1)[1])
+
+
 def assert_continues(before: int, after: list[int]) -> None:
     assert after, "the shadow printed no COUNTER after the switch"
     assert after[0] == before + 1, f"desktop stopped at {before}, shadow went on at {after[0]}"
@@ -115,25 +137,10 @@ async def test_switch_refused_when_shadow_not_verified(shm_dir, guest):
 
 async def test_rollback_when_sink_dies_before_commit(shm_dir, guest):
     """kill -9 of the sink daemon after the device state went out: the desktop resumes."""
-    cfg = sink_config(shm_dir, guest, listen="127.0.0.1:0")
-    from replicator.demo import _toml
-    toml = _toml({"node": {"name": "laptop", "role": "sink", "state_dir": str(shm_dir / "lap")},
-                  "domain": {"name": "vm", "driver": "qemu", "qemu": {
-                      k: (str(v) if isinstance(v, Path) else v)
-                      for k, v in qemu_table(guest).items()}},
-                  "peer": {"listen": "127.0.0.1:0", "id": cfg.peer.id},
-                  "control": {"listen": "127.0.0.1:0"}})
-    (shm_dir / "lap.toml").write_text(toml)
-    proc = subprocess.Popen([sys.executable, "-m", "replicator.cli", "run", "-c",
-                             str(shm_dir / "lap.toml")], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=open(shm_dir / "lap.err", "wb"))
+    proc = None
     source = None
     try:
-        await wait_until(lambda: (shm_dir / "lap" / "api-url").exists(), 30, "sink daemon")
-        from replicator.cli import _request
-        _, st = await _request("GET", (shm_dir / "lap" / "api-url").read_text().strip(),
-                               "/api/v1/status")
-        port = int(st["listen"].rsplit(":", 1)[1])
+        proc, port = await start_sink_daemon(shm_dir, guest)
         source = SourceNode(source_config(shm_dir, guest, port))
         await source.start()
         await boot_and_sync(source, shm_dir)
@@ -166,7 +173,7 @@ async def test_rollback_when_sink_dies_before_commit(shm_dir, guest):
                 await shadow.kill()
                 await shadow.close()
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
         if source is not None:
             await source.stop()

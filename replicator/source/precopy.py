@@ -105,11 +105,7 @@ class PrecopyReplicator(SourceReplicator):
     # --- session -------------------------------------------------------------------------------
 
     async def _session(self, link: Link) -> None:
-        await self._handshake(link)
-        self.link = link
-        self.last_error = ""
-        self.connected.set()
-        self.metrics.peer_connected.set(1)
+        await self._open_session(link)
         self.session_no += 1
         sid = self.session_no
         self.qemu_done.clear()
@@ -135,11 +131,7 @@ class PrecopyReplicator(SourceReplicator):
                 asyncio.create_task(self._pump(link, sid), name="precopy-pump"),
                 asyncio.create_task(self._poll_qemu(), name="precopy-poll"),
             ]
-            done, _ = await asyncio.wait(self._session_tasks,
-                                         return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                if t.exception() is not None:
-                    raise t.exception()
+            await self._run_tasks()
         finally:
             await self._stop_migration()
 

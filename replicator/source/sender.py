@@ -198,12 +198,23 @@ class SourceReplicator:
         self._next_epoch = reply.acked_epoch + 1
         self.metrics.acked_epoch.set(reply.acked_epoch)
 
-    async def _session(self, link: Link) -> None:
+    async def _open_session(self, link: Link) -> None:
+        """Authenticate, exchange manifests, and mark the link up."""
         await self._handshake(link)
         self.link = link
         self.last_error = ""
         self.connected.set()
         self.metrics.peer_connected.set(1)
+
+    async def _run_tasks(self) -> None:
+        """Wait for the session's tasks; the first failure ends the session."""
+        done, _ = await asyncio.wait(self._session_tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()
+
+    async def _session(self, link: Link) -> None:
+        await self._open_session(link)
         log.info("replicating %s to %s (sink %s, acked epoch %d)", self.cfg.domain.name,
                  link.peer, self.sink_node, self.ledger.acked_epoch)
         self._session_tasks = [
@@ -212,10 +223,7 @@ class SourceReplicator:
             asyncio.create_task(self._recv_loop(link), name="receiver"),
             asyncio.create_task(self._ping_loop(link), name="pinger"),
         ]
-        done, _ = await asyncio.wait(self._session_tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if t.exception() is not None:
-                raise t.exception()
+        await self._run_tasks()
 
     # --- scanning ----------------------------------------------------------------------------
 
