@@ -12,6 +12,7 @@ import abc
 import asyncio
 import mmap
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -56,6 +57,9 @@ class ScanTracker(DirtyTracker):
         self._fds: dict[str, int] = {}
         self._buf = bytearray(CHUNK_PAGES * PAGE_SIZE)
         self._maps: dict[str, mmap.mmap | None] = {}
+        # Held by the worker thread while it hashes: a cancelled round's thread runs on, and
+        # the maps must not be closed under it.
+        self._scan_lock = threading.Lock()
         for r in regions:
             fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
             self._fds[r.name] = fd
@@ -67,6 +71,10 @@ class ScanTracker(DirtyTracker):
                 self._maps[r.name] = None
 
     def _scan(self, ledger: Ledger) -> Round:
+        with self._scan_lock:
+            return self._scan_locked(ledger)
+
+    def _scan_locked(self, ledger: Ledger) -> Round:
         t0 = time.monotonic()
         dirty: dict[str, np.ndarray] = {}
         digests: dict[str, bytes] = {}
@@ -84,10 +92,14 @@ class ScanTracker(DirtyTracker):
         return await asyncio.to_thread(self._scan, ledger)
 
     async def close(self) -> None:
-        for mm in self._maps.values():
-            if mm is not None:
-                mm.close()
-        self._maps.clear()
+        await asyncio.to_thread(self._scan_lock.acquire)
+        try:
+            for mm in self._maps.values():
+                if mm is not None:
+                    mm.close()
+            self._maps.clear()
+        finally:
+            self._scan_lock.release()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
