@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 from replicator.config import parse_size
-from replicator.demo import REPO, Daemon, _toml, counters, ensure_guest
+from replicator.demo import REPO, Daemon, _toml, counters, ensure_guest, stop_pair
 from replicator.identity import Identity
 from replicator.vmm.qemu import QemuProcess, VmSpec
 
@@ -157,20 +156,7 @@ async def run_pair(work: Path, ram: int, kernel: Path, initrd: Path, tracker: st
                 "final_delta_pages": sw["final_delta_pages"],
                 "continues": bool(after) and after[0] == before + 1}
     finally:
-        pid = None
-        try:
-            _, st = await sink.request("GET", "/api/v1/status", timeout=5)
-            pid = (st.get("shadow") or {}).get("pid")
-        except Exception:
-            pass
-        if source is not None:
-            source.stop()
-        sink.stop()
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        await stop_pair(source, sink)
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -106,6 +106,24 @@ class Daemon:
                 self.proc.wait()
 
 
+async def stop_pair(source: Daemon | None, sink: Daemon) -> None:
+    """Stop both daemons and end the laptop's VM, which outlives its daemon by design."""
+    pid = None
+    try:
+        _, st = await sink.request("GET", "/api/v1/status", timeout=5)
+        pid = (st.get("shadow") or {}).get("pid")
+    except Exception:  # the sink may be gone already; then there is no VM to end either
+        pass
+    if source is not None:
+        source.stop()
+    sink.stop()
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -246,21 +264,7 @@ async def run_demo(args: argparse.Namespace) -> dict:
         result["ok"] = ok
         return result
     finally:
-        pid = None
-        try:
-            _, st_sink = await sink.request("GET", "/api/v1/status", timeout=5)
-            pid = (st_sink.get("shadow") or {}).get("pid")
-        except Exception:
-            pass
-        if source is not None:
-            source.stop()
-        sink.stop()
-        if pid:
-            # The laptop's VM outlives its daemon by design; the demo is over, so end it.
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        await stop_pair(source, sink)
         if not args.workdir and not getattr(args, "keep", False):
             shutil.rmtree(work, ignore_errors=True)
 

@@ -21,7 +21,7 @@ from replicator.errors import SwitchError
 
 from .conftest import pair_ids
 from .conftest import wait_until
-from .test_switch_qemu import RAM, assert_continues, qemu_table, start_sink_daemon
+from .test_switch_qemu import RAM, assert_continues, qemu_table, start_sink_daemon, stop_nodes
 
 pytestmark = pytest.mark.qemu
 
@@ -57,11 +57,7 @@ async def start_pair(d: Path, guest) -> tuple[SinkNode, SourceNode]:
 
 
 async def stop_pair(sink: SinkNode, source: SourceNode) -> None:
-    await source.stop()
-    shadow = sink.switch_handler.shadow
-    await sink.stop()
-    if shadow.proc is not None:
-        await shadow.proc.kill()
+    await stop_nodes(source, sink)
 
 
 async def bulk_done(source: SourceNode) -> None:

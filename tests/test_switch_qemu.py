@@ -76,6 +76,19 @@ async def start_sink_daemon(d: Path, guest, timeout: float | None = None
     return proc, int(st["listen"].rsplit(":", 1)[1])
 
 
+async def stop_nodes(source: SourceNode, sink: SinkNode) -> None:
+    """Stop both nodes and every QEMU they started, even if stopping one of them fails."""
+    shadow = sink.switch_handler.shadow
+    try:
+        await source.stop()
+    finally:
+        try:
+            await sink.stop()
+        finally:
+            if shadow.proc is not None and shadow.proc.returncode is None:
+                await shadow.proc.kill()
+
+
 def assert_continues(before: int, after: list[int]) -> None:
     assert after, "the shadow printed no COUNTER after the switch"
     assert after[0] == before + 1, f"desktop stopped at {before}, shadow went on at {after[0]}"
@@ -102,11 +115,7 @@ async def test_counter_continues_after_switch(shm_dir, guest, mode):
         assert result["downtime_ms"] > 0
         assert result["time_to_switch_ms"] >= result["downtime_ms"]
     finally:
-        await source.stop()
-        shadow = sink.switch_handler.shadow
-        await sink.stop()
-        if shadow.proc is not None:
-            await shadow.proc.kill()
+        await stop_nodes(source, sink)
 
 
 async def test_switch_refused_when_shadow_not_verified(shm_dir, guest):
@@ -131,8 +140,7 @@ async def test_switch_refused_when_shadow_not_verified(shm_dir, guest):
         await wait_until(lambda: len(counters(shm_dir / "desk.log")) > n + 1, 10,
                          "the desktop guest to keep counting")
     finally:
-        await source.stop()
-        await sink.stop()
+        await stop_nodes(source, sink)
 
 
 async def test_rollback_when_sink_dies_before_commit(shm_dir, guest):
