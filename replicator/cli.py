@@ -159,10 +159,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise ReplicatorError(f"cannot reach the daemon at {url}: {exc}") from None
 
 
-def cmd_switch(args: argparse.Namespace) -> int:
+def _api_with_token(args: argparse.Namespace) -> tuple[str, str]:
+    """(url, token) for a state-changing call; refuses early without a token."""
     url, token = _api_target(args)
     if not token:
         raise ReplicatorError("no API token (use --token-file or run as a user who can read it)")
+    return url, token
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    url, token = _api_with_token(args)
 
     async def run() -> int:
         async def progress() -> None:
@@ -198,9 +204,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
 
 
 def cmd_lifecycle(args: argparse.Namespace) -> int:
-    url, token = _api_target(args)
-    if not token:
-        raise ReplicatorError("no API token (use --token-file or run as a user who can read it)")
+    url, token = _api_with_token(args)
     try:
         code, data = _run_async(_request("POST", url, f"/api/v1/{args.command}", token))
     except OSError as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -54,10 +53,8 @@ class SinkReceiver:
         self.precopy_handler: SwitchHandler | None = None
         self.stream_kind = ""                    # "scan" or "precopy", once the source says
         self.connected = asyncio.Event()
-        self.epoch_committed = asyncio.Condition()
         self._server: asyncio.base_events.Server | None = None
         self._busy = asyncio.Lock()
-        self._last_batch_at = 0.0
         self.identity = identity_for(cfg)
         self._pinned = pinned_peer(cfg) if self.identity is not None else ""
 
@@ -221,14 +218,11 @@ class SinkReceiver:
                 n = self._apply(msg, npages[msg.region])
                 self.stream_kind = "scan"
                 self.metrics.pages_written.inc(n)
-                self._last_batch_at = time.monotonic()
             elif isinstance(msg, m.EpochEnd):
                 if not store.epoch < msg.epoch <= store.epoch + MAX_EPOCH_STEP:
                     raise ProtocolError(f"epoch {msg.epoch} cannot end now (the shadow is at "
                                         f"{store.epoch})")
                 await asyncio.to_thread(store.commit_epoch, msg.epoch)
-                async with self.epoch_committed:
-                    self.epoch_committed.notify_all()
                 self.metrics.acked_epoch.set(msg.epoch)
                 await link.send(m.Ack(msg.epoch))
             elif isinstance(msg, m.Ping):

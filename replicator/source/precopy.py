@@ -70,14 +70,12 @@ class PrecopyReplicator(SourceReplicator):
         self.pacing = "idle"
         self.qemu_info: dict[str, Any] = {}
         self.switching = asyncio.Event()           # drain continuously (switch under way)
-        self.qemu_done = asyncio.Event()           # the source QEMU closed its stream
         self.pages_forwarded = 0
         self.pages_dropped = 0
         self.zero_records = 0
         self.iterations = 0
         self.relayed_bytes = 0
         self.stream_bytes = 0
-        self.device_state_started = False
         self.device_state_offset = 0
         self._backlog = True
         self._caught_up_at: float | None = None
@@ -108,9 +106,7 @@ class PrecopyReplicator(SourceReplicator):
         await self._open_session(link)
         self.session_no += 1
         sid = self.session_no
-        self.qemu_done.clear()
         self.switching.clear()
-        self.device_state_started = False
         self.qemu_info = {}                       # figures of the previous migration are void
         self.pacing = "backlog"
         self._backlog = True
@@ -187,7 +183,6 @@ class PrecopyReplicator(SourceReplicator):
             elif isinstance(ev, RamEos):
                 self.iterations += 1
             elif type(ev).__name__ == "DeviceStateBegin":
-                self.device_state_started = True
                 self.device_state_offset = ev.offset
         self.stream_bytes += len(chunk)
         data = b"".join(out)
@@ -225,7 +220,6 @@ class PrecopyReplicator(SourceReplicator):
                     drained = True
                     break
                 if n == 0:
-                    self.qemu_done.set()
                     return
                 got += n
                 await self._forward(link, sid, memoryview(self._buf)[:n])
@@ -243,7 +237,6 @@ class PrecopyReplicator(SourceReplicator):
             self._caught_up_at = time.monotonic()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.switching.wait(), s.precopy_interval)
-        self.qemu_done.set()
 
     async def _on_message(self, msg: Any) -> bool:
         if isinstance(msg, m.PrecopyReturn):
