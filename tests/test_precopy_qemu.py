@@ -85,7 +85,7 @@ async def test_precopy_held_open_then_switch_continues_counter(shm_dir, guest, m
             await wait_until(lambda: rep.session_no >= 2 and rep.connected.is_set(), 60,
                              "replication to resume")
             await bulk_done(source)
-            assert rep.pages_dropped - dropped > (RAM // 4096) // 4
+            assert rep.pages_dropped - dropped > (RAM // 4096) // 8   # guest-dependent, as below
         # Held open: precopy stays active (the ACK is withheld) while the guest keeps running.
         hold = 90 if mode == "live" else 5
         await asyncio.sleep(hold)
