@@ -777,3 +777,117 @@ def test_disk_full_on_commit_never_acks_a_lost_epoch(tmpfs):
             assert store.epoch == epoch
     finally:
         store.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# durability of the small files; failing closed on what cannot be read
+
+
+def test_layout_state_and_manifest_are_fsynced_before_and_after_their_rename(root, monkeypatch):
+    # A rename whose data is not on disk yet leaves an empty file after a power loss (an empty
+    # layout.json refuses every connection): each file must be fsync'd before its rename and
+    # the directory after it.
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, **kw) -> None:
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    store = ShadowStore.open(root, LAYOUT)
+    store.close()                                     # a clean close writes manifest + state
+    monkeypatch.undo()
+    directory = os.path.realpath(root)
+    for name in ("layout.json", "state.json", "manifest"):
+        target = os.path.join(directory, name)
+        renames = [i for i, e in enumerate(events) if e == ("replace", target + ".tmp", target)]
+        assert renames, f"{name} was not written through a rename: {events}"
+        for i in renames:
+            before = [e for e in events[:i] if e[0] == "replace" or e == ("fsync", target + ".tmp")]
+            assert before and before[-1] == ("fsync", target + ".tmp"), \
+                f"{name} renamed before its data was fsync'd: {events[:i + 1]}"
+            assert events[i + 1] == ("fsync", directory), \
+                f"no directory fsync right after renaming {name}: {events[i:i + 2]}"
+    assert json.loads((root / "layout.json").read_text())["regions"][0]["name"] == "ram"
+
+
+def test_unreadable_boot_id_rehashes_an_unclean_store(root, monkeypatch):
+    # Without a boot ID a reboot cannot be ruled out (lost un-fsync'd announcements): re-hash.
+    import replicator.sink.store as store_mod
+    monkeypatch.setattr(store_mod, "_BOOT_ID", root.parent / "no-such-boot_id")
+    model = Model(LAYOUT)
+    store = ShadowStore.open(root, LAYOUT)
+    commit(store, model, 1, [("ram", {0: page(0)})])
+    store.close(clean=False)
+    with open(root / "ram.img", "r+b") as f:          # changed behind the journal's back
+        f.seek(8 * PAGE_SIZE)
+        f.write(page(8))
+    store = ShadowStore.open(root, LAYOUT)
+    try:
+        assert store.manifest("ram")[8] == h(page(8))
+        assert np.array_equal(store.manifest("ram"), image_hashes(store, "ram"))
+        assert store.epoch == 1
+    finally:
+        store.close()
+
+
+def _store_files(root: Path) -> dict[str, bytes | None]:
+    return {p.name: (p.read_bytes() if p.is_file() else None) for p in sorted(root.iterdir())}
+
+
+@pytest.mark.parametrize("content", ["", "{\"handed_over\": tr", "[1]", "{\"handed_over\": 1}",
+                                     None], ids=["empty", "torn", "list", "not-bool", "directory"])
+def test_unreadable_state_is_refused_not_read_as_not_handed_over(root, content):
+    model = Model(LAYOUT)
+    store = ShadowStore.open(root, LAYOUT)
+    commit(store, model, 1, [("ram", {0: page(0)})])
+    store.set_handed_over(True)                       # the domain runs on this host
+    store.close(clean=False)
+    state = root / "state.json"
+    state.unlink()
+    if content is None:
+        state.mkdir()                                 # reading it fails with an OSError
+    else:
+        state.write_text(content)
+    before = _store_files(root)
+    with pytest.raises(StoreError) as ei:
+        ShadowStore.open(root, LAYOUT)
+    msg = str(ei.value)
+    assert str(state) in msg and "handed_over" in msg and "refuses" in msg, msg
+    assert _store_files(root) == before, "a refused open changed the store"
+    # Doing what the message says when the domain runs here keeps the fence.
+    if content is None:
+        state.rmdir()
+    state.write_text('{"handed_over": true}')
+    store = ShadowStore.open(root, LAYOUT)
+    try:
+        assert store.handed_over is True
+        assert_matches_model(store, model)
+    finally:
+        store.close()
+
+
+def test_removed_state_file_rehashes_the_images(root):
+    # Removing an unreadable state file (the message's advice when the domain does not run
+    # here) leaves nothing that vouches for the manifest: the images are re-hashed.
+    model = Model(LAYOUT)
+    store = ShadowStore.open(root, LAYOUT)
+    commit(store, model, 1, [("ram", {0: page(0), 8: page(80)})])
+    store.close()
+    with open(root / "ram.img", "r+b") as f:
+        f.seek(8 * PAGE_SIZE)
+        f.write(page(8))
+    (root / "state.json").unlink()
+    store = ShadowStore.open(root, LAYOUT)
+    try:
+        assert store.handed_over is False
+        assert store.manifest("ram")[8] == h(page(8))
+        assert np.array_equal(store.manifest("ram"), image_hashes(store, "ram"))
+    finally:
+        store.close()

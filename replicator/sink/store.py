@@ -30,6 +30,7 @@ import numpy as np
 import xxhash
 
 from ..config import PAGE_SIZE
+from ..durable import atomic_write
 from ..errors import StoreError
 from ..pagefile import CHUNK_PAGES, digest_hashes, hash_file
 from ..wire.messages import RegionInfo
@@ -46,19 +47,17 @@ _ANNOUNCE_FLAG = 0x80000000      # region index flag: hashes are UNKNOWN (pages 
 _SNAP_MAGIC = b"RPLMAN01"
 
 
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
 def _boot_id() -> str:
+    """This boot's ID, or "" when it cannot be read (then every unclean store is re-hashed)."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
+        return _BOOT_ID.read_text().strip()
+    except OSError as exc:
+        log.warning("cannot read the boot ID (%s): %s; a store left unclean is re-hashed",
+                    _BOOT_ID, exc.strerror or exc)
         return ""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _store_error(what: str, exc: OSError) -> StoreError:
@@ -104,9 +103,14 @@ class ShadowStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            raise StoreError(f"{root / 'layout.json'} is unreadable: {exc}") from None
-        return [RegionInfo(r["name"], r["size"], r.get("page_size", PAGE_SIZE))
-                for r in data["regions"]]
+            raise StoreError(f"{root / 'layout.json'} is unreadable ({exc}); remove {root} "
+                             f"on the sink to start the shadow over") from None
+        try:
+            return [RegionInfo(r["name"], r["size"], r.get("page_size", PAGE_SIZE))
+                    for r in data["regions"]]
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise StoreError(f"{root / 'layout.json'} is not a store layout ({exc!r}); remove "
+                             f"{root} on the sink to start the shadow over") from None
 
     @classmethod
     def open(cls, root: Path, regions: list[RegionInfo]) -> "ShadowStore":
@@ -117,17 +121,18 @@ class ShadowStore:
         except OSError as exc:
             store.close(clean=False)
             raise _store_error("opening", exc) from None
+        except BaseException:
+            store.close(clean=False)
+            raise
         return store
 
     def _open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        state = self._read_state()          # first: an unreadable state must change nothing
         existing = self.existing_layout(self.root)
         if existing is None:
-            tmp = self.root / "layout.json.tmp"
-            tmp.write_text(json.dumps({"format": FORMAT, "regions": [
+            atomic_write(self.root / "layout.json", json.dumps({"format": FORMAT, "regions": [
                 {"name": r.name, "size": r.size, "page_size": r.page_size} for r in self._infos]}))
-            os.replace(tmp, self.root / "layout.json")
-            _fsync_dir(self.root)
         elif existing != list(self._infos):
             raise StoreError(f"store {self.root} holds a different layout "
                              f"({_fmt(existing)}) than offered ({_fmt(self._infos)})")
@@ -138,10 +143,12 @@ class ShadowStore:
                 os.ftruncate(fd, info.size)         # sparse: holes read as zero pages
             self.regions[info.name] = _Region(
                 info, i, path, fd, np.full(info.size // PAGE_SIZE, ZERO_HASH, dtype=np.uint64))
-        state = self._read_state()
-        self.handed_over = bool(state.get("handed_over", False))
+        self.handed_over = state.get("handed_over", False)
         self.external_writes = False
         clean = state.get("clean", False)
+        # No state but a manifest or journal: the state file was removed (after it was
+        # unreadable, say); nothing vouches for the manifest, so rebuild it.
+        orphaned = not state and any((self.root / n).exists() for n in ("manifest", "journal"))
         rebuilt = self._load_snapshot()
         if self._replay_journal():
             log.warning("store %s: the journal ends in a damaged record; re-hashing the "
@@ -153,9 +160,15 @@ class ShadowStore:
                         "stopped; re-hashing them", self.root)
             self.rehash()
             rebuilt = True
-        elif state and not clean and state.get("boot_id") != _boot_id():
-            log.warning("store %s: the machine restarted without a clean shutdown; re-hashing "
-                        "the shadow images", self.root)
+        elif state and not clean and (not (boot := _boot_id()) or state.get("boot_id") != boot):
+            # An unknown boot ID (either one) could hide a reboot: fail closed.
+            log.warning("store %s: the machine may have restarted without a clean shutdown; "
+                        "re-hashing the shadow images", self.root)
+            self.rehash()
+            rebuilt = True
+        elif orphaned and not rebuilt:
+            log.warning("store %s: no state file next to the manifest; re-hashing the shadow "
+                        "images", self.root)
             self.rehash()
             rebuilt = True
         self._journal_fd = os.open(self.root / "journal",
@@ -170,23 +183,31 @@ class ShadowStore:
     # --- state file -----------------------------------------------------------------------
 
     def _read_state(self) -> dict:
+        """The state file, or {} if there is none. Unreadable: refuse (it holds handed_over)."""
+        path = self.root / "state.json"
         try:
-            return json.loads((self.root / "state.json").read_text())
+            state = json.loads(path.read_text())
+            if not isinstance(state, dict) or not isinstance(state.get("handed_over", False),
+                                                             bool):
+                raise ValueError("not a state record")
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError):
-            return {}
+        except (OSError, ValueError) as exc:
+            # It records whether the domain runs on this host: never guess "it does not".
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StoreError(
+                f"cannot read {path} ({why}); it records whether the domain runs on this host "
+                f"after a switch, so this sink refuses to replicate or switch until it is "
+                f"fixed. If the peer's `replicator status` says HANDED OVER, the domain runs "
+                f"here: write {{\"handed_over\": true}} into the file; otherwise remove it "
+                f"(the shadow is then re-hashed)") from None
+        return state
 
     def _write_state(self, *, clean: bool) -> None:
-        tmp = self.root / "state.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"epoch": self.epoch, "clean": clean, "boot_id": _boot_id(),
-                       "handed_over": self.handed_over,
-                       "external_writes": getattr(self, "external_writes", False)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / "state.json")
-        _fsync_dir(self.root)
+        atomic_write(self.root / "state.json", json.dumps({
+            "epoch": self.epoch, "clean": clean, "boot_id": _boot_id(),
+            "handed_over": self.handed_over,
+            "external_writes": getattr(self, "external_writes", False)}))
 
     def begin_external_writes(self) -> None:
         """Another writer (a shadow QEMU loading a relayed migration) changes the images now.
@@ -301,13 +322,8 @@ class ShadowStore:
         parts = [_SNAP_MAGIC, struct.pack("<Q", self.epoch)]
         parts += [r.hashes.astype("<u8").tobytes() for r in self.regions.values()]
         body = b"".join(parts)
-        tmp = self.root / "manifest.tmp"
-        with open(tmp, "wb") as f:
-            f.write(body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.root / "manifest")
-        _fsync_dir(self.root)
+        atomic_write(self.root / "manifest",
+                     body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body)))
         os.ftruncate(self._journal_fd, 0)
         os.fsync(self._journal_fd)
         self._journal_size = 0
