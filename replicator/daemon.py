@@ -85,6 +85,9 @@ class SourceNode:
         self.switcher = switcher_cls(self.rep, self.driver, state,
                                      target_downtime=cfg.switch.target_downtime,
                                      step_timeout=cfg.switch.step_timeout)
+        if self.switcher.interrupted:
+            # Killed mid-switch before the commit: this host still owns the domain.
+            await self.switcher.settle_interrupted()
         if self.switcher.pending_commit:
             # Restarted while a commit's outcome was unknown: reconnect only to ask the sink.
             self._task = asyncio.create_task(self.rep.run(), name="replicate")
@@ -110,16 +113,11 @@ class SourceNode:
         rep = self.rep
         if rep is None:
             return out
-        snap = rep.ledger.snapshot()
+        snap = rep.lag_snapshot()
         pre = getattr(rep, "precopy_status", None)
         if pre is not None:
             out["tracker"] = "qemu-precopy"
             out["precopy"] = pre()
-            ps = getattr(rep, "_snapshot", None) or {}
-            snap = dataclasses.replace(
-                snap, lag_bytes=ps.get("lag_bytes", 0), lag_pages=ps.get("lag_bytes", 0) // 4096,
-                lag_seconds=ps.get("lag_seconds", 0.0), dirty_rate=ps.get("dirty_rate", 0.0),
-                switch_estimate=ps.get("estimate", 0.0), in_sync=ps.get("lag_bytes", 1) == 0)
         else:
             out["tracker"] = "scan"
         out.update({
@@ -133,7 +131,7 @@ class SourceNode:
             "link_rate_bytes_per_second": snap.link_rate,
             "switch_estimate_seconds": snap.switch_estimate,
             "acked_epoch": snap.acked_epoch,
-            "in_sync": snap.in_sync and rep.connected.is_set(),
+            "in_sync": snap.in_sync,
             "sent_bytes": {"raw": rep.ledger.raw_sent, "wire": rep.ledger.wire_sent},
             "handed_over": self.switcher.handed_over,
             "replication_paused": self._paused,
@@ -228,10 +226,33 @@ class SinkNode:
         if self.cfg.domain.driver == "qemu":
             from .sink.precopy import PrecopySink
             self.precopy = PrecopySink(self.receiver, self.switch_handler)
+        await self._recover()
         self.address = await self.receiver.start()
         if self.cfg.domain.driver == "qemu":
             self._prestart = asyncio.create_task(self._prestart_shadow(), name="prestart")
             self._prestart.add_done_callback(_log_crash)
+
+    async def _recover(self) -> None:
+        """Open the shadow store an earlier run left (so "runs here" is known before anyone
+        connects) and settle that run's shadow QEMU: adopt the domain if it was committed
+        here, end a mere shadow otherwise."""
+        from .sink.store import ShadowStore
+
+        rec = self.receiver
+        try:
+            layout = ShadowStore.existing_layout(rec.root)
+            if layout is None:
+                return
+            rec.store = await asyncio.to_thread(ShadowStore.open, rec.root, layout)
+        except ReplicatorError as exc:
+            rec.last_error = str(exc)
+            log.error("cannot open the shadow store: %s", exc)
+            return
+        if rec.store.handed_over:
+            self.metrics.handed_over.set(1)
+        recover = getattr(self.switch_handler.shadow, "recover", None)
+        if recover is not None:
+            await recover(rec.store.handed_over)
 
     async def _prestart_shadow(self) -> None:
         """Start the shadow (paused, waiting) once replication is under way, so a switch does
@@ -307,7 +328,8 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
     await node.start()
     token_file = cfg.control.token_file or Path(cfg.node.state_dir) / "api-token"
     token = load_or_create_token(Path(token_file))
-    runner, url = await start_api(node, cfg.control.listen, token, token_file=token_file)
+    runner, url = await start_api(node, cfg.control.listen, token, token_file=token_file,
+                                  allowed_hosts=cfg.control.allowed_hosts)
     log.info("%s node %s: control API on %s", node.role, cfg.node.name, url)
     # Tools (and tests with port 0) find the API here.
     url_file = Path(cfg.node.state_dir) / "api-url"

@@ -308,8 +308,8 @@ def test_ledger_lag_accounting():
     ledger = _ledger()
     t0 = time.monotonic()
     snap = ledger.snapshot(now=t0)
-    assert snap.lag_pages == 0 and snap.lag_seconds == 0.0
-    assert snap.in_sync is True
+    # Nothing was ever acknowledged: not in sync, and the lag is not claimed to be zero.
+    assert snap.in_sync is False and snap.lag_pages >= 1
 
     n = ledger.add_round(1, t0, 0.01, {"ram": np.array([1, 2, 3, 4]), "vram": np.array([0])},
                          0.05)
@@ -367,6 +367,33 @@ def test_ledger_lag_age_is_the_oldest_unacked_round():
     assert ledger.unacked_epochs() == 0 and snap.acked_epoch == 3
 
 
+def test_in_sync_needs_a_live_session_and_an_acked_round_after_each_reconnect():
+    ledger = _ledger()
+    t0 = time.monotonic()
+    man = {"ram": np.zeros(64, dtype=np.uint64), "vram": np.zeros(8, dtype=np.uint64)}
+    ledger.reset_to_sink(man, 0)
+    ledger.add_round(1, t0, 0.01, {"ram": np.array([1])}, 0.05)
+    ledger.take_pending("ram", np.array([1]))
+    ledger.epoch_sent(1)
+    ledger.acked(1)
+    assert ledger.snapshot(now=t0 + 0.5).in_sync is True
+    # The link drops: no session, nothing proven any more; lag grows from the last proof.
+    snap = ledger.snapshot(now=t0 + 20, streaming=False)
+    assert snap.in_sync is False
+    assert snap.lag_seconds == pytest.approx(20.0) and snap.lag_pages >= 1
+    # Reconnected: the sink's manifest is the truth, but until a round compared against it
+    # is acknowledged, nothing is proven (a dead sink used to look "in sync, zero lag" here).
+    ledger.reset_to_sink(man, 1)
+    snap = ledger.snapshot(now=t0 + 21)
+    assert snap.in_sync is False and snap.lag_seconds == pytest.approx(21.0)
+    ledger.add_round(2, t0 + 21, 0.01, {"ram": np.array([], dtype=np.int64)}, 0.05)
+    ledger.epoch_sent(2)
+    assert ledger.snapshot(now=t0 + 21.2).in_sync is False
+    ledger.acked(2)
+    snap = ledger.snapshot(now=t0 + 21.3)
+    assert snap.in_sync is True and snap.lag_pages == 0 and snap.lag_seconds == 0.0
+
+
 def test_take_pending_skips_pages_not_pending():
     ledger = _ledger()
     ledger.add_round(1, time.monotonic(), 0.0, {"ram": np.array([1, 2, 3])}, 0.05)
@@ -385,7 +412,6 @@ def test_reset_to_sink_clears_lag():
     man = {"ram": np.arange(64, dtype=np.uint64), "vram": np.zeros(8, dtype=np.uint64)}
     ledger.reset_to_sink(man, 3)
     snap = ledger.snapshot(now=t0 + 1)
-    assert snap.lag_pages == 0 and snap.lag_seconds == 0.0
     assert snap.acked_epoch == 3 and snap.sent_epoch == 3
     assert not ledger.regions["ram"].pending.any()
     assert np.array_equal(ledger.regions["ram"].shipped, man["ram"])

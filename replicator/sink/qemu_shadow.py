@@ -128,6 +128,46 @@ class QemuShadow(Shadow):
                 await self.proc.close()
                 self.proc = None
 
+    async def recover(self, handed_over: bool) -> None:
+        """After a restart: settle the shadow QEMU an earlier run of this daemon left behind.
+
+        Deterministic: if the domain was committed here (``handed_over``), that QEMU *is* the
+        domain: adopt it, and resume it if the crash came between persisting the commit and
+        resuming. Otherwise it is only a disposable shadow (its incoming migration may have
+        died with the old relay): end it; a fresh one starts when needed. Never two shadows
+        on one image.
+        """
+        async with self._lock:
+            try:
+                proc = await QemuProcess.adopt(self.cfg.domain.name, self.workdir)
+            except QemuError as exc:
+                log.error("cannot reconnect to the shadow QEMU of an earlier run: %s", exc)
+                return
+            if proc is None:
+                if handed_over:
+                    log.critical("the domain was committed to this host, but the QEMU that ran "
+                                 "it is gone; start it from %s by hand", self.workdir)
+                return
+            if not handed_over:
+                log.warning("ending the shadow QEMU of an earlier run (pid %s); a fresh shadow "
+                            "starts when needed", proc.pid)
+                await proc.close()
+                return
+            self.proc = proc
+            state = await proc.status()
+            if state == "paused":
+                # The commit was persisted, then the daemon died before resuming it.
+                await proc.cont()
+                state = await proc.status()
+                log.warning("resumed the committed domain (pid %s) that a restart left paused",
+                            proc.pid)
+            self.running = state == "running"
+            if self.running:
+                log.info("adopted the running domain (QEMU pid %s)", proc.pid)
+            else:
+                log.critical("the domain was committed here but its QEMU (pid %s) is %r",
+                             proc.pid, state)
+
     def status(self) -> dict:
         return {"kind": "qemu", "running": self.running,
                 "pid": self.proc.pid if self.proc else None,

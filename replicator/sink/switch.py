@@ -152,6 +152,7 @@ class SinkSwitch:
                 # Persist first: from here on this host owns the domain, even across restarts.
                 store.set_handed_over(True)
                 self.committed = True
+                await checkpoint("sink-commit-persisted")
                 resumed_at = await self.shadow.run()
                 self.receiver.metrics.handed_over.set(1)
                 self.last_result = {"switch_id": self.switch_id, "result": "ok",

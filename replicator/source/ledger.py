@@ -102,6 +102,14 @@ class Ledger:
         self._busy_bytes = 0
         self._busy_time = 0.0
         self._baseline_round = True
+        # "In sync" is a fact proven by an acknowledgement, never a default: ``proven_at`` is
+        # when the last acked round started (everything dirtied before it is durable on the
+        # sink), and after every (re)connect nothing is proven until the first round that
+        # compared against the sink's manifest is acked.
+        self.created_at = time.monotonic()
+        self.proven_at: float | None = None
+        self.baseline_acked = False
+        self._baseline_epoch = 0
 
     @classmethod
     def for_regions(cls, regions: list[Region]) -> "Ledger":
@@ -118,6 +126,8 @@ class Ledger:
         self.pending_pages = self.inflight_pages = 0
         self.acked_epoch = self.sent_epoch = acked_epoch
         self._baseline_round = True
+        self.baseline_acked = False
+        self._baseline_epoch = 0
 
     # --- tracker side --------------------------------------------------------------------------
 
@@ -131,6 +141,8 @@ class Ledger:
                 n += len(idx)
         self.pending_pages += n
         self.epochs[epoch] = EpochInfo(epoch, started, n)
+        if not self._baseline_epoch:
+            self._baseline_epoch = epoch
         self.last_round_seconds = duration
         self.last_round_dirty = n
         if self._baseline_round:
@@ -176,6 +188,9 @@ class Ledger:
         while self.epochs and next(iter(self.epochs)) <= epoch:
             _, info = self.epochs.popitem(last=False)
             self.inflight_pages -= info.pages
+            if self._baseline_epoch and info.epoch >= self._baseline_epoch:
+                self.baseline_acked = True
+                self.proven_at = max(self.proven_at or 0.0, info.detected_at)
         self.inflight_pages = max(self.inflight_pages, 0)
         self.acked_epoch = max(self.acked_epoch, epoch)
 
@@ -184,12 +199,27 @@ class Ledger:
 
     # --- lag -----------------------------------------------------------------------------------
 
-    def snapshot(self, now: float | None = None, device_state_bytes: int = 300_000) -> LagSnapshot:
+    def unproven_seconds(self, now: float) -> float:
+        """Seconds since the shadow was last proven to hold everything (or since we started)."""
+        return max(0.0, now - (self.proven_at if self.proven_at is not None
+                               else self.created_at))
+
+    def snapshot(self, now: float | None = None, device_state_bytes: int = 300_000,
+                 streaming: bool = True) -> LagSnapshot:
+        """Lag figures. ``streaming``: a session is up; without one nothing is in sync and the
+        lag is the time since the last proof, with bytes estimated from the dirty rate."""
         now = time.monotonic() if now is None else now
         lag_pages = self.pending_pages + self.inflight_pages
-        oldest = next((e.detected_at for e in self.epochs.values() if e.pages), None)
-        lag_seconds = max(0.0, now - oldest) if oldest is not None else 0.0
         dirty = self.dirty_rate.tick(now)
+        proven = streaming and self.baseline_acked
+        if proven:
+            oldest = next((e.detected_at for e in self.epochs.values() if e.pages), None)
+            lag_seconds = max(0.0, now - oldest) if oldest is not None else 0.0
+        else:
+            # Unknown, not zero: the guest dirtied memory the sink has not confirmed.
+            lag_seconds = self.unproven_seconds(now)
+            total = sum(rl.npages for rl in self.regions.values())
+            lag_pages = min(total, max(lag_pages, 1, int(dirty * lag_seconds) // PAGE_SIZE))
         thr = self.wire_rate.tick(now)
         ratio = (self.wire_sent / self.raw_sent) if self.raw_sent else 1.0
         link = self.link_rate or thr or 100e6
@@ -204,5 +234,5 @@ class Ledger:
             round_seconds=self.last_round_seconds,
             # "In sync": everything the tracker found is durable on the sink within a second
             # (a running guest always dirties something, so "nothing left" never holds).
-            in_sync=lag_seconds <= 1.0,
+            in_sync=proven and lag_seconds <= 1.0,
         )

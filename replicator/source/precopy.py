@@ -44,6 +44,7 @@ from .driver import Region
 from .precopy_stream import PageKind, PageRecord, PrecopyEditor, RamEos
 from .sender import SourceReplicator
 from .switch import Switcher, SwitchReport, _Progress
+from .ledger import LagSnapshot
 from .tracker import DirtyTracker, Round
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,11 @@ class PrecopyReplicator(SourceReplicator):
         self.stream_bytes = 0
         self.device_state_offset = 0
         self._backlog = True
+        # When QEMU last had nothing queued for the shadow. Kept across sessions: a new
+        # session proves nothing until it caught up again.
         self._caught_up_at: float | None = None
+        self._last_lag = 0
+        self._started_at = time.monotonic()
         self._qsock: socket.socket | None = None
         self._editor: PrecopyEditor | None = None
         self._buf = bytearray(RECV_CHUNK)
@@ -110,7 +115,6 @@ class PrecopyReplicator(SourceReplicator):
         self.qemu_info = {}                       # figures of the previous migration are void
         self.pacing = "backlog"
         self._backlog = True
-        self._caught_up_at = None
         self._session_tasks = [
             asyncio.create_task(self._recv_loop(link), name="receiver"),
             asyncio.create_task(self._ping_loop(link), name="pinger"),
@@ -291,28 +295,48 @@ class PrecopyReplicator(SourceReplicator):
             "stream_bytes": self.stream_bytes, "relayed_bytes": self.relayed_bytes,
         }
 
-    def publish(self) -> None:
+    @property
+    def streaming(self) -> bool:
+        """A session is up and QEMU's held-open migration flows into the shadow."""
+        return (self.connected.is_set() and self._qsock is not None
+                and self.qemu_info.get("status") == "active")
+
+    def lag_snapshot(self) -> LagSnapshot:
         ram = self.qemu_info.get("ram", {})
-        remaining = int(ram.get("remaining") or 0)
-        buffered = 0
-        if self.link is not None and self.link.writer.transport is not None:
-            buffered = self.link.writer.transport.get_write_buffer_size()
-        lag = remaining + buffered
         now = time.monotonic()
-        stale = 0.0 if self._caught_up_at is None else max(0.0, now - self._caught_up_at)
         dirty = float(ram.get("dirty-pages-rate") or 0) * PAGE_SIZE
+        since = self._caught_up_at if self._caught_up_at is not None else self._started_at
+        stale = max(0.0, now - since)
+        if self.streaming:
+            buffered = 0
+            if self.link is not None and self.link.writer.transport is not None:
+                buffered = self.link.writer.transport.get_write_buffer_size()
+            lag = int(ram.get("remaining") or 0) + buffered
+            self._last_lag = lag
+            in_sync = lag == 0 and stale <= 1.0
+        else:
+            # No live migration: what QEMU last reported is void. Not zero: estimate.
+            ram_bytes = sum(r.size for r in self.regions)
+            lag = min(ram_bytes, max(self._last_lag, PAGE_SIZE, int(dirty * stale)))
+            in_sync = False
         link_rate = self.ledger.link_rate or 100e6
         estimate = (lag + dirty * self.cfg.stream.precopy_interval) / link_rate + 0.02
-        self._snapshot = {"lag_bytes": lag, "lag_seconds": stale, "dirty_rate": dirty,
-                          "estimate": estimate}
+        return LagSnapshot(
+            lag_pages=lag // PAGE_SIZE, lag_bytes=lag, lag_seconds=stale, dirty_rate=dirty,
+            throughput=self.ledger.wire_rate.tick(now), link_rate=self.ledger.link_rate,
+            wire_ratio=1.0, switch_estimate=estimate, acked_epoch=self.ledger.acked_epoch,
+            sent_epoch=self.ledger.sent_epoch, round_seconds=0.0, in_sync=in_sync)
+
+    def publish(self) -> None:
+        snap = self.lag_snapshot()
         mt = self.metrics
-        mt.lag_bytes.set(lag)
-        mt.lag_pages.set(lag // PAGE_SIZE)
-        mt.lag_seconds.set(stale)
-        mt.dirty_rate.set(dirty)
-        mt.throughput.set(self.ledger.wire_rate.tick(now))
-        mt.switch_estimate.set(estimate)
-        mt.in_sync.set(1 if self.connected.is_set() and lag == 0 else 0)
+        mt.lag_bytes.set(snap.lag_bytes)
+        mt.lag_pages.set(snap.lag_pages)
+        mt.lag_seconds.set(snap.lag_seconds)
+        mt.dirty_rate.set(snap.dirty_rate)
+        mt.throughput.set(snap.throughput)
+        mt.switch_estimate.set(snap.switch_estimate)
+        mt.in_sync.set(1 if snap.in_sync else 0)
         for state in ("idle", "backlog", "switching"):
             mt.precopy_pacing.labels(state).set(1 if self.pacing == state else 0)
 
@@ -339,6 +363,7 @@ class PrecopySwitcher(Switcher):
         proc = self.driver.proc
         mark = proc.event_mark()
         rep.switching.set()                       # drain QEMU's socket continuously
+        await checkpoint("source-before-pause")
         report.phase = "final-delta"
         if report.mode == "live":
             await self._step_nowait(m.SwitchRelease(report.switch_id))
@@ -371,6 +396,7 @@ class PrecopySwitcher(Switcher):
         # "Rounds" here are QEMU's dirty-bitmap syncs while the migration was held open.
         report.catchup_rounds = int(info.get("ram", {}).get("dirty-sync-count") or 0)
         report.device_state_bytes = max(0, rep.stream_bytes - rep.device_state_offset)
+        await checkpoint("source-final-delta")
         report.phase = "verify"
         shipped = rep.ledger.regions[RAM_BACKEND_ID].shipped
         await self._step(report, m.SwitchVerify(report.switch_id, rep.session_no,

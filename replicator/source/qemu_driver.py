@@ -53,6 +53,30 @@ def spec_from_config(name: str, q: QemuConfig, ram_path: Path, serial_log: Path 
     return VmSpec(**fields)
 
 
+async def _settle_leftover_migration(proc: QemuProcess, timeout: float = 10.0) -> None:
+    """An adopted QEMU may still be in the migration its dead relay held open: wait until QEMU
+    notices the closed socket (or cancel it), so that a new session can start a migration."""
+    import asyncio
+    import time
+    deadline = time.monotonic() + timeout
+    cancelled = False
+    while True:
+        status = (await proc.query_migrate()).get("status")
+        if status in (None, "none", "completed", "failed", "cancelled"):
+            return
+        if not cancelled:
+            log.info("an earlier run's migration is still %s; cancelling it", status)
+            try:
+                await proc.execute("migrate_cancel")
+            except QemuError as exc:
+                log.debug("migrate_cancel: %s", exc)
+            cancelled = True
+        if time.monotonic() > deadline:
+            raise DomainError(f"the adopted QEMU's leftover migration is still {status!r} "
+                              f"after {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
 class QemuDriver(DomainDriver):
     has_device_state = True
 
@@ -72,7 +96,15 @@ class QemuDriver(DomainDriver):
             if q.ram_path is None:
                 raise DomainError("domain.qemu.ram_path is required to launch the VM")
             spec = spec_from_config(cfg.domain.name, q, q.ram_path, q.serial_log)
-            proc = await QemuProcess.launch(spec, workdir)
+            # A restarted daemon takes back the VM its earlier run launched (it kept running).
+            adopted = await QemuProcess.adopt(spec.name, workdir, spec=spec)
+            if adopted is not None:
+                log.warning("adopted the running QEMU of domain %s (pid %d), launched by an "
+                            "earlier run of this daemon", cfg.domain.name, adopted.pid)
+                proc = adopted
+                await _settle_leftover_migration(proc)
+            else:
+                proc = await QemuProcess.launch(spec, workdir)
         else:
             if q.qmp_socket is None:
                 raise DomainError("domain.qemu needs qmp_socket (attach) or launch = true")

@@ -123,7 +123,36 @@ class Switcher:
 
     @property
     def handed_over(self) -> bool:
-        return self.state.load() is not None
+        """The commit was (or may have been) sent: this node must never resume on its own."""
+        state = self.state.load()
+        return state is not None and state.get("state") != "switching"
+
+    @property
+    def interrupted(self) -> dict | None:
+        """A switch this node started and never got to commit (the daemon died meanwhile)."""
+        state = self.state.load()
+        return state if state and state.get("state") == "switching" else None
+
+    async def settle_interrupted(self) -> None:
+        """After a restart mid-switch, before the commit: the sink cannot have committed (it
+        needs our SwitchCommit, sent only after "committing" is persisted), so this host still
+        owns the domain. Resume it if the switch had paused it (postmigrate included)."""
+        state = self.interrupted
+        if state is None:
+            return
+        report = SwitchReport(state.get("switch_id", "unknown"), state.get("mode", "unknown"),
+                              result="rolled_back", peer=state.get("peer", ""),
+                              message="the daemon restarted during the switch; rolled back")
+        if state.get("was_running", True) and not await self.driver.is_running():
+            await self.driver.resume()
+            log.warning("switch %s was interrupted by a restart before its commit; the domain "
+                        "runs here again", report.switch_id)
+        else:
+            log.warning("switch %s was interrupted by a restart before its commit; the domain "
+                        "stays here", report.switch_id)
+        self.state.clear()
+        self.last = report
+        self.rep.metrics.switches.labels(report.mode, "rolled_back").inc()
 
     async def switch(self, mode: str = "live") -> SwitchReport:
         if mode not in ("live", "stop"):
@@ -189,6 +218,11 @@ class Switcher:
                 raise SwitchError(f"sink not connected ({rep.last_error or 'connecting'})")
             report.phase = "prepare"
             rep.drop_responses()
+            # Persisted before anything can pause the domain: a daemon killed from here until
+            # the commit knows, when it restarts, that it must resume the domain itself.
+            self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
+                             "mode": report.mode, "state": "switching", "at": time.time(),
+                             "was_running": await self.driver.is_running()})
             await self._step(report, m.SwitchPrepare(report.switch_id, report.mode), "prepare")
             await self._hand_over_memory(report, ctx)
             await self._commit(report, ctx)
@@ -203,6 +237,8 @@ class Switcher:
                 raise SwitchError(f"commit outcome unknown ({reason}); domain paused here "
                                   "until the sink is reachable", rolled_back=False) from None
             await self._rollback(report, ctx.paused, reason)
+            if self.interrupted:
+                self.state.clear()
             raise SwitchError(f"switch failed at {report.phase}: {reason}; the domain runs "
                               "here again", rolled_back=True) from None
         finally:
@@ -227,6 +263,7 @@ class Switcher:
                          rnd.pages, predicted * 1000)
                 if predicted <= self.target_downtime + snap.round_seconds:
                     break
+        await checkpoint("source-before-pause")
         report.phase = "pause"
         ctx.t_pause = time.monotonic()
         ctx.wall_pause = time.time()
@@ -237,6 +274,7 @@ class Switcher:
         rnd = await rep.sync(self.step_timeout)
         report.final_delta_pages = rnd.pages
         report.final_delta_bytes = rnd.pages * PAGE_SIZE
+        await checkpoint("source-final-delta")
         report.phase = "verify"
         digests = tuple(rnd.digests[r.name] for r in rep.regions)
         await self._step(report, m.SwitchVerify(report.switch_id, rep.ledger.acked_epoch,
@@ -262,7 +300,9 @@ class Switcher:
         self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
                          "state": "committing", "at": time.time()})
         ctx.committed_sent = True
+        await checkpoint("source-committing")
         reply = await self._step(report, m.SwitchCommit(report.switch_id), "commit")
+        await checkpoint("source-committed")
         t_running = time.monotonic()
         self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
                          "state": "handed-over", "at": time.time()})
