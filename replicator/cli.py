@@ -1,4 +1,4 @@
-"""Command line: ``replicator run | status | switch | demo``."""
+"""Command line: ``replicator run | status | switch | ui | demo`` and friends."""
 
 from __future__ import annotations
 
@@ -216,6 +216,24 @@ def cmd_lifecycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Open the status page logged in: a one-time login link, traded for the API token."""
+    from .control import ui
+    url, token = _api_with_token(args)
+    if url.startswith("unix:"):
+        raise ReplicatorError(f"the control API listens on a unix socket ({url[5:]}), which a "
+                              "browser cannot open: set control.listen to 127.0.0.1:PORT to "
+                              "use the status page, or use `replicator status` and `switch`")
+    try:
+        code, data = _run_async(_request("POST", url, "/api/v1/login-link", token, timeout=10))
+    except OSError as exc:
+        raise ReplicatorError(f"cannot reach the daemon at {url}: {exc}") from None
+    if code != 200:
+        raise ReplicatorError(f"the daemon refused a login link (HTTP {code}): "
+                              f"{data.get('error')}")
+    return ui.show(ui.browser_base(url) + data["path"], data["expires_in_seconds"], args.print)
+
+
 def cmd_id(args: argparse.Namespace) -> int:
     from .config import load_config
     from .identity import Identity
@@ -328,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("resume", help="replicate again; only pages that differ are sent")
     with_api(sp)
     sp.set_defaults(func=cmd_lifecycle)
+
+    sp = sub.add_parser("ui", help="open the status page in a browser, logged in (a one-time "
+                                   "link; no token to paste)")
+    with_api(sp)
+    sp.add_argument("--print", action="store_true",
+                    help="print the link instead of opening a browser")
+    sp.set_defaults(func=cmd_ui)
 
     sp = sub.add_parser("demo", help="desktop VM + laptop shadow on this machine: replicate, "
                                      "switch, report")

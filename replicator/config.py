@@ -154,6 +154,9 @@ class ControlConfig:
     """The local control API (status, metrics, switch)."""
     listen: str = "127.0.0.1:7401"
     token_file: Path | None = None
+    # Host names (no port) the API answers to besides localhost and the listen address, e.g. the
+    # name Prometheus scrapes it by; any other Host header is refused (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +272,10 @@ def _validate(cfg: Config, path: str | None) -> None:
     parse_address(cfg.peer.listen, key="peer.listen", path=path)
     if not cfg.control.listen.startswith("unix:"):
         parse_address(cfg.control.listen, key="control.listen", path=path)
+    for i, h in enumerate(cfg.control.allowed_hosts):
+        if not (_HOST_NAME_RE.fullmatch(h) or _is_ip(h.strip("[]"))):
+            bad(f"control.allowed_hosts[{i}]", f"{h!r} is not a host name or IP address "
+                "(no scheme, port or path: e.g. \"desktop.lan\")")
     d = cfg.domain
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", d.name):
         bad("domain.name", "use letters, digits, '_', '.', '-' (at most 64)")
@@ -287,6 +294,18 @@ def _validate(cfg: Config, path: str | None) -> None:
         bad("domain.tracker", 'qemu-precopy needs driver = "qemu"')
     if d.driver == "qemu" and d.qemu.ram_size % PAGE_SIZE:
         bad("domain.qemu.ram_size", f"must be a multiple of {PAGE_SIZE}")
+
+
+_HOST_NAME_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def _is_ip(value: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> Config:

@@ -70,6 +70,7 @@ insecure_plaintext = false
 [control]
 listen = "unix:/run/replicator.sock"
 token_file = "/etc/replicator/token"
+allowed_hosts = ["desktop.lan", "10.0.0.1", "[fd00::1]"]
 """
 
 MINIMAL = """
@@ -141,6 +142,7 @@ def test_full_config(tmp_path):
     assert cfg.peer.id == PEER_ID and cfg.peer.insecure_plaintext is False
     assert cfg.control.listen == "unix:/run/replicator.sock"
     assert cfg.control.token_file == Path("/etc/replicator/token")
+    assert cfg.control.allowed_hosts == ("desktop.lan", "10.0.0.1", "[fd00::1]")
 
 
 def test_defaults_from_minimal_file(tmp_path):
@@ -333,6 +335,19 @@ def test_parse_address(value, expected):
 def test_unix_control_socket_skips_address_check(tmp_path):
     cfg = load_text(tmp_path, MINIMAL + "[control]\nlisten = \"unix:/run/r.sock\"\n")
     assert cfg.control.listen == "unix:/run/r.sock"
+
+
+@pytest.mark.parametrize("value", ["desktop.lan:7401", "http://desktop.lan", "desktop.lan/",
+                                   "-x.lan", "a b", "", "desktop..lan"])
+def test_bad_allowed_host(tmp_path, value):
+    expect_error(tmp_path, MINIMAL + f"[control]\nallowed_hosts = [\"ok.lan\", \"{value}\"]\n",
+                 "control.allowed_hosts[1]", "not a host name or IP address", repr(value))
+
+
+def test_allowed_hosts_default_empty_and_must_be_a_list(tmp_path):
+    assert load_text(tmp_path, MINIMAL).control.allowed_hosts == ()
+    expect_error(tmp_path, MINIMAL + "[control]\nallowed_hosts = \"desktop.lan\"\n",
+                 "control.allowed_hosts", "expected a list")
 
 
 @pytest.mark.parametrize("value", [

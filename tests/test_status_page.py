@@ -26,6 +26,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import pytest
+from aiohttp import web
 
 from replicator.control.api import start_api
 
@@ -47,7 +49,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-proxy-server",
                   "--disable-extensions", "--force-color-profile=srgb", "--hide-scrollbars",
-                  "--window-size=%d,%d" % VIEWPORT]
+                  "--window-size=%d,%d" % VIEWPORT,
+                  # A name an attacker's DNS could rebind to this host, for the Host check test.
+                  "--host-resolver-rules=MAP rebind.test 127.0.0.1"]
 
 
 def _find(env: str, *candidates: str) -> str:
@@ -412,3 +416,87 @@ async def test_wrong_token_and_busy_switch_are_refused_and_sink_page_has_no_butt
         assert "switches are started on the source" in note.lower(), note
         assert await browser.text("#peer-state") == "connected"
         assert await browser.script_errors() == []
+
+
+async def test_ui_login_link_logs_the_browser_in_and_the_button_switches_with_the_cookie(
+        shm_dir, workload, pair_factory, browser):
+    wl = workload(shm_dir / "ram", 8 * MiB, rate=1e6, fill=0.5)
+    pair = await pair_factory(shm_dir, pid=wl.proc.pid)
+    token = secrets.token_urlsafe(24)
+    token_file = shm_dir / "api-token"
+    token_file.write_text(token + "\n")
+    async with api(pair.source, token, token_file) as url:
+        await open_page(browser, url, "source")          # not logged in: the token field shows
+        assert await browser.displayed("#token")
+        assert not await browser.displayed("#session-note")
+
+        # The real `replicator ui --print`, as a user runs it, trading the token for a link.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "replicator.cli", "ui", "--print", "--url", url,
+            "--token-file", str(token_file), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        link = out.decode().strip()
+        assert link.startswith(url + "/login?once="), link
+
+        await browser.get(link)                          # redirects to the page, logged in
+        assert await browser.current_url() == url + "/"
+        await eventually(lambda: browser.displayed("#session-note"), "logged in")
+        assert not await browser.displayed("#token")
+        cookies = await browser.call("GET", "/cookie")
+        assert len(cookies) == 1, cookies
+        assert cookies[0]["httpOnly"] is True and cookies[0]["sameSite"] == "Strict", cookies
+        assert "expiry" not in cookies[0], cookies       # ends with the browser session
+        assert await browser.js("return document.cookie") == ""          # HttpOnly
+        assert token not in await browser.current_url()
+
+        await eventually(lambda: browser.js("return !document.getElementById("
+                                            "'switch-button').disabled"), "button enabled")
+        await browser.click("#switch-button")
+        outcome = await eventually(lambda: _outcome(browser, "ok"), "switch outcome", 30)
+        assert "runs on laptop" in outcome
+        assert pair.source.switcher.handed_over and pair.sink.status()["runs_domain"]
+        assert await browser.js("return sessionStorage.length") == 0     # no token anywhere
+        assert await browser.script_errors() == []
+
+        # The link worked once.
+        await browser.get(link)
+        assert "not valid" in await browser.text("body")
+        await browser.call("DELETE", "/cookie")
+
+
+async def test_page_is_not_served_to_a_rebound_name_nor_framed_by_another_site(
+        shm_dir, workload, pair_factory, browser):
+    wl = workload(shm_dir / "ram", 8 * MiB, rate=1e6, fill=0.5)
+    pair = await pair_factory(shm_dir, pid=wl.proc.pid)
+    async with api(pair.sink, secrets.token_urlsafe(24)) as url:
+        port = url.rsplit(":", 1)[1]
+        # DNS rebinding: a site whose name now resolves to 127.0.0.1 reads nothing.
+        await browser.get(f"http://rebind.test:{port}/api/v1/status")
+        body = await browser.text("body")
+        assert "is not a name of this node" in body and "laptop" not in body, body
+
+        # Clickjacking: another origin (another port) framing the page gets it refused.
+        async def framing_page(request: web.Request) -> web.Response:
+            return web.Response(text=f'<!doctype html><iframe src="{url}/" width=800 '
+                                     'height=600></iframe>', content_type="text/html")
+
+        framer = web.Application()
+        framer.router.add_get("/", framing_page)
+        runner = web.AppRunner(framer, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        try:
+            fport = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            await browser.call("POST", "/se/log", {"type": "browser"})         # clear the log
+            await browser.get(f"http://127.0.0.1:{fport}/")
+
+            async def refused() -> list[str]:
+                entries = await browser.call("POST", "/se/log", {"type": "browser"})
+                return [e["message"] for e in entries if "frame-ancestors" in e["message"]]
+            msgs = await eventually(refused, "framing refused", timeout=10)
+            assert "'none'" in msgs[0], msgs
+        finally:
+            await runner.cleanup()
