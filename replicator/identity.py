@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import logging
 import os
 import ssl
 from dataclasses import dataclass
@@ -28,7 +29,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from .durable import atomic_write
 from .errors import PeerError, ReplicatorError
+
+log = logging.getLogger(__name__)
 
 AUTH_CONTEXT = b"replicator-auth-v1"
 
@@ -63,23 +67,42 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, directory: Path, common_name: str = "replicator") -> "Identity":
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Load the node's key and certificate; create them only when neither exists.
+
+        One without the other, or either unreadable, is refused: a new key would be a new ID,
+        and the peer would refuse this node until it is paired again.
+        """
         key_path, cert_path = directory / "node.key", directory / "node.crt"
-        if not key_path.exists() or not cert_path.exists():
-            key = ec.generate_private_key(ec.SECP256R1())
-            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-            now = datetime.datetime.now(datetime.timezone.utc)
-            cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                    .public_key(key.public_key())
-                    .serial_number(x509.random_serial_number())
-                    .not_valid_before(now - datetime.timedelta(days=1))
-                    .not_valid_after(now + datetime.timedelta(days=3650))
-                    .sign(key, hashes.SHA256()))
-            _write_private(key_path, key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption()))
-            _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            have_key, have_cert = _present(key_path), _present(cert_path)
+            if not have_key and not have_cert:
+                _create(key_path, cert_path, common_name)
+                log.info("created this node's identity in %s", directory)
+                have_key = have_cert = True
+        except OSError as exc:
+            raise ReplicatorError(f"cannot create or read this node's identity in {directory}: "
+                                  f"{exc.strerror or exc}") from None
+        if not have_cert:
+            raise ReplicatorError(
+                f"{cert_path} is missing but {key_path} exists: the node ID is the hash of "
+                f"that certificate, so a new one would change this node's ID and break the "
+                f"pairing. Restore {cert_path.name} from a backup; or, for a new identity on "
+                f"purpose, remove {key_path}{_NEW_IDENTITY}")
+        if not have_key:
+            raise ReplicatorError(
+                f"{key_path} is missing but {cert_path} exists (node ID {_id_of(cert_path)}): "
+                f"without its key this node cannot prove that ID. Restore {key_path.name} from "
+                f"a backup; or, for a new identity on purpose, remove {cert_path}"
+                f"{_NEW_IDENTITY}")
+        cert = _load_cert(cert_path)
+        key = _load_key(key_path)
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+            raise ReplicatorError(
+                f"{key_path} is not the key of {cert_path} (node ID {_id_of(cert_path)}). "
+                f"Restore the matching pair from a backup; or, for a new identity on purpose, "
+                f"remove both{_NEW_IDENTITY}")
         return cls(key_path, cert_path, cert.public_bytes(serialization.Encoding.DER))
 
     def _key(self) -> ec.EllipticCurvePrivateKey:
@@ -135,17 +158,91 @@ def verify_proof(cert_der: bytes, signature: bytes, nonce: bytes, server_id: str
     return client_id
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+# --- key and certificate files ---------------------------------------------------------------
+
+_NEW_IDENTITY = (", run `replicator id` for the new ID and pair again on both hosts "
+                 "(`replicator pair NEW-ID` on the peer, then restart both daemons)")
+
+
+def _present(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _create(key_path: Path, cert_path: Path, common_name: str) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .sign(key, hashes.SHA256()))
+    # Durable, key first: the ID exists once node.crt does, and a power loss can at worst
+    # leave a key without a certificate, which is refused (never silently replaced).
+    atomic_write(key_path, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()), 0o600)
+    atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o600)
+
+
+def _unusable(path: Path, why: str) -> ReplicatorError:
+    return ReplicatorError(
+        f"{path} is unusable ({why}). Restore this node's node.key and node.crt from a backup; "
+        f"or, for a new identity on purpose, remove both{_NEW_IDENTITY}")
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as exc:
+        raise _unusable(path, exc.strerror or str(exc)) from None
+    except ValueError:
+        raise _unusable(path, "not a PEM certificate") from None
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+    except OSError as exc:
+        raise _unusable(path, exc.strerror or str(exc)) from None
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise _unusable(path, "not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise _unusable(path, "not an EC key")
+    return key
+
+
+def _id_of(cert_path: Path) -> str:
+    try:
+        return format_id(_load_cert(cert_path).public_bytes(serialization.Encoding.DER))
+    except ReplicatorError:
+        return "unknown: the certificate is unreadable too"
 
 
 # --- the link handshake ----------------------------------------------------------------------------
 
+def warn_insecure(cfg) -> None:
+    """Say loudly, at every start, that the replication link is open to anyone."""
+    where = cfg.peer.listen if cfg.node.role == "sink" else cfg.peer.address
+    log.warning("INSECURE: peer.insecure_plaintext = true%s: the replication link (%s) is "
+                "neither encrypted nor authenticated; anyone who can reach it can read or "
+                "replace the VM's memory. For tests only.",
+                f" in {cfg.source_path}" if cfg.source_path else "", where)
+
+
 def identity_for(cfg) -> "Identity | None":
-    """The node's identity per config, or None when the link is configured as plaintext."""
+    """The node's identity per config, or None when the link is configured as plaintext.
+
+    Every node start calls this (the sink's receiver and the source's replicator), so the
+    plaintext warning is logged here.
+    """
     if cfg.peer.insecure_plaintext:
+        warn_insecure(cfg)
         return None
     directory = cfg.node.identity_dir or Path(cfg.node.state_dir) / "identity"
     return Identity.load_or_create(Path(directory), cfg.node.name)
