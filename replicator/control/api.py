@@ -91,7 +91,8 @@ async def _switch_body(request: web.Request) -> dict | str:
     except (ValueError, RecursionError):
         return "request body is not JSON"
     if not isinstance(body, dict):
-        return f'request body must be a JSON object like {{"mode": "live"}}, not {type(body).__name__}'
+        return ('request body must be a JSON object like {"mode": "live"}, not '
+                + type(body).__name__)
     unknown = sorted(set(body) - SWITCH_KEYS)
     if unknown:
         return f"unknown key(s) {', '.join(map(repr, unknown))} (known: mode)"
