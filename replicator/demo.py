@@ -47,6 +47,18 @@ def counters(path: Path) -> list[int]:
         return []
 
 
+def memchecks(path: Path) -> list[tuple[bool, int]]:
+    """The guest's memory-check results in a serial log (kernel arg ``memcheck=<s>``), in order:
+    ``(ok, pass number)`` per finished pass, complete lines only; the per-page
+    ``MEMCHECK FAIL page=`` lines are not passes and are left out."""
+    try:
+        log = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [(m[1] == b"OK", int(m[2]))
+            for m in re.finditer(rb"MEMCHECK (OK|FAIL) pass=(\d+) (?:pages|bad)=\d+\n", log)]
+
+
 def _toml(d: dict[str, Any], prefix: str = "") -> str:
     """Tiny TOML writer for the demo's configs (tables of scalars and lists)."""
     lines, tables = [], []
