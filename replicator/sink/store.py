@@ -30,7 +30,7 @@ import numpy as np
 import xxhash
 
 from ..config import PAGE_SIZE
-from ..durable import atomic_write
+from ..durable import atomic_write, fsync_dir
 from ..errors import StoreError
 from ..pagefile import CHUNK_PAGES, digest_hashes, hash_file
 from ..wire.messages import RegionInfo
@@ -127,7 +127,9 @@ class ShadowStore:
         return store
 
     def _open(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.root.parent)     # the store's own directory entry, too
         state = self._read_state()          # first: an unreadable state must change nothing
         existing = self.existing_layout(self.root)
         if existing is None:
