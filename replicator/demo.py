@@ -119,21 +119,25 @@ class Daemon:
 
 
 async def stop_pair(source: Daemon | None, sink: Daemon) -> None:
-    """Stop both daemons and end the laptop's VM, which outlives its daemon by design."""
-    pid = None
-    try:
-        _, st = await sink.request("GET", "/api/v1/status", timeout=5)
-        pid = (st.get("shadow") or {}).get("pid")
-    except Exception:  # the sink may be gone already; then there is no VM to end either
-        pass
+    """Stop both daemons and end both VMs, which outlive their daemons by design."""
+    pids = []
+    for dm, key in ((sink, "shadow"), (source, None)):
+        if dm is None:
+            continue
+        try:
+            _, st = await dm.request("GET", "/api/v1/status", timeout=5)
+            pids.append((st.get(key) or {}).get("pid") if key else st.get("qemu_pid"))
+        except Exception:  # a daemon may be gone already; then there is no VM to end either
+            pass
     if source is not None:
         source.stop()
     sink.stop()
-    if pid:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for pid in pids:
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _fmt_bytes(n: float) -> str:

@@ -38,7 +38,24 @@ def shm_dir():
     d = Path("/dev/shm") / f"replicator-test-{uuid.uuid4().hex[:8]}"
     d.mkdir()
     yield d
+    kill_strays(d)
     shutil.rmtree(d, ignore_errors=True)
+
+
+def kill_strays(d: Path) -> None:
+    """SIGKILL every process whose command line names ``d``: a VM outlives its daemon by design
+    (a daemon stop or crash leaves it running for the next start to adopt)."""
+    import os
+    import signal
+    mark = str(d).encode()
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            if mark in (p / "cmdline").read_bytes():
+                os.kill(int(p.name), signal.SIGKILL)
+        except OSError:
+            pass
 
 
 class Workload:

@@ -112,6 +112,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.starts = 0
+        self.env: dict[str, str] = {}           # extra environment (e.g. fault injection)
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None
@@ -123,7 +124,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "replicator.cli", "run", "-c", str(self.config)],
                 cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
 
     async def wait_api(self, timeout: float = 60) -> None:
         url_file = self.state_dir / "api-url"

@@ -75,6 +75,10 @@ class NullShadow(Shadow):
         return {"kind": "file", "running": self.running}
 
 
+_STEPS = {m.SwitchPrepare: "prepare", m.SwitchVerify: "verify", m.DeviceState: "device",
+          m.SwitchCommit: "commit"}
+
+
 class SinkSwitch:
     """Handles the switch messages of the receiver's session."""
 
@@ -166,7 +170,8 @@ class SinkSwitch:
                 self._reset()
                 self.aborts += 1
         except ReplicatorError as exc:
-            step = type(msg).__name__
+            # Answer in the step's own name: the source matches answers by step.
+            step = _STEPS.get(type(msg), type(msg).__name__)
             if not self.committed:
                 await self.shadow.abort()
             await self._answer(link, step, False, str(exc))
