@@ -140,6 +140,12 @@ class PeerConfig:
     id: str = ""                            # the paired peer's node ID (replicator pair)
     timeout: float = 10.0                   # silence after which the link counts as lost
     insecure_plaintext: bool = False        # tests only: no TLS, no authentication
+    # Sink: a connection must finish TLS and prove the paired ID within handshake_timeout. At
+    # most max_unauthenticated connections (per address: ..._per_address; IPv6: per /64) may be
+    # at that stage; a new one beyond that closes the oldest of the busiest address.
+    handshake_timeout: float = 5.0
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_address: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +270,13 @@ def _validate(cfg: Config, path: str | None) -> None:
             bad("peer.id", str(exc))
     if cfg.peer.timeout < 1:
         bad("peer.timeout", "must be at least 1 second")
+    if not 0.5 <= cfg.peer.handshake_timeout <= 300:
+        bad("peer.handshake_timeout", "must be between 0.5 and 300 seconds")
+    if not 1 <= cfg.peer.max_unauthenticated <= 10_000:
+        bad("peer.max_unauthenticated", "must be between 1 and 10000")
+    if not 1 <= cfg.peer.max_unauthenticated_per_address <= cfg.peer.max_unauthenticated:
+        bad("peer.max_unauthenticated_per_address",
+            "must be between 1 and peer.max_unauthenticated")
     if cfg.switch.step_timeout <= 0:
         bad("switch.step_timeout", "must be positive")
     if cfg.switch.target_downtime <= 0:

@@ -59,6 +59,10 @@ class PeerRejected(PeerError):
     """The peer refused our handshake; the message carries its reason."""
 
 
+class LinkClosed(PeerError):
+    """The connection to the peer was closed or lost."""
+
+
 # --- source / sink -------------------------------------------------------------------------
 
 class DomainError(ReplicatorError):

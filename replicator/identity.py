@@ -31,6 +31,7 @@ from cryptography.x509.oid import NameOID
 
 from .durable import atomic_write
 from .errors import PeerError, ReplicatorError
+from .wire.codec import PRE_AUTH_MAX_FRAME
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ async def authenticate_to_server(link, identity: Identity, pinned: str, timeout:
     presented = peer_id_of(link.writer.get_extra_info("ssl_object"))
     if presented != pinned:
         raise PeerRejected(f"{link.peer} presented ID {presented}, not the paired peer {pinned}")
-    challenge = await asyncio.wait_for(link.recv(), timeout)
+    challenge = await asyncio.wait_for(link.recv(PRE_AUTH_MAX_FRAME), timeout)
     if not isinstance(challenge, m.AuthChallenge) or len(challenge.nonce) != 32:
         raise PeerError(f"expected an authentication challenge from {link.peer}")
     if challenge.server_id != pinned:
@@ -275,16 +276,23 @@ async def authenticate_to_server(link, identity: Identity, pinned: str, timeout:
 
 
 async def authenticate_client(link, identity: Identity, pinned: str, timeout: float) -> str:
-    """Server side: challenge the client and check it is the paired peer. Returns its ID."""
+    """Server side: challenge the client and check it is the paired peer. Returns its ID.
+
+    Until it has proven that, the client is a stranger: its one frame may hold only
+    PRE_AUTH_MAX_FRAME bytes (the receiver also bounds the connection's time and number).
+    """
     import asyncio
 
-    from .errors import PeerRejected
+    from .errors import FrameTooLarge, PeerRejected
     from .wire import messages as m
     nonce = os.urandom(32)
     await link.send(m.AuthChallenge(nonce, identity.node_id))
-    proof = await asyncio.wait_for(link.recv(), timeout)
+    try:
+        proof = await asyncio.wait_for(link.recv(PRE_AUTH_MAX_FRAME), timeout)
+    except FrameTooLarge as exc:
+        raise FrameTooLarge(f"{exc} bytes before authentication") from None
     if not isinstance(proof, m.AuthProof):
-        raise PeerRejected(f"{link.peer} did not authenticate (sent {type(proof).__name__})")
+        raise PeerError(f"{link.peer} did not authenticate (sent {type(proof).__name__})")
     client_id = verify_proof(proof.cert, proof.signature, nonce, identity.node_id)
     if client_id != pinned:
         raise PeerRejected(f"{link.peer} presented ID {client_id}, not the paired peer {pinned}")

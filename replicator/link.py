@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import Any
 
-from .errors import FrameTooLarge, PeerError
+from .errors import FrameTooLarge, LinkClosed
 from .wire.codec import HEADER, decode_body, encode
 
 
@@ -57,27 +57,32 @@ class Link:
         if limited:
             await self.limiter.consume(len(frame))
         if self.writer.is_closing():
-            raise PeerError(f"link to {self.peer} is closed")
+            raise LinkClosed(f"link to {self.peer} is closed")
         self.writer.write(frame)
         try:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
-            raise PeerError(f"link to {self.peer} lost: {exc}") from None
+            raise LinkClosed(f"link to {self.peer} lost: {exc}") from None
         self.bytes_out += len(frame)
         return len(frame)
 
-    async def recv(self) -> Any:
+    async def recv(self, max_frame: int | None = None) -> Any:
+        """The next message. ``max_frame`` lowers the limit for this one frame (before
+        authentication, see ``identity``). Decoding stays on the event loop: the codec's schema
+        limits make it a copy of the frame's bytes at worst (a thread would not help, as msgpack
+        holds the GIL)."""
+        limit = self.max_frame if max_frame is None else min(max_frame, self.max_frame)
         try:
             head = await self.reader.readexactly(4)
             (n,) = HEADER.unpack(head)
-            if n > self.max_frame:
+            if n > limit:
                 raise FrameTooLarge(f"frame of {n} bytes from {self.peer} exceeds the limit "
-                                    f"of {self.max_frame}")
+                                    f"of {limit}")
             body = await self.reader.readexactly(n)
         except asyncio.IncompleteReadError:
-            raise PeerError(f"{self.peer} closed the link") from None
+            raise LinkClosed(f"{self.peer} closed the link") from None
         except (ConnectionError, OSError) as exc:
-            raise PeerError(f"link to {self.peer} lost: {exc}") from None
+            raise LinkClosed(f"link to {self.peer} lost: {exc}") from None
         self.bytes_in += 4 + n
         self.last_recv = time.monotonic()
         return decode_body(body)

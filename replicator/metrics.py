@@ -12,6 +12,9 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
 from . import __version__
 
 _SWITCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+#: Why the sink closed a connection before it authenticated (see replicator.sink.admission).
+UNAUTHENTICATED_REFUSALS = ("address_limit", "total_limit", "timeout", "tls", "too_large",
+                            "malformed", "bad_proof", "not_paired", "closed", "error")
 _ROUND_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -94,6 +97,12 @@ class Metrics:
         self.frames_rejected = Counter("replicator_frames_rejected",
                                        "Connections dropped for malformed or hostile frames.",
                                        registry=r)
+        self.unauthenticated = Gauge("replicator_unauthenticated_connections",
+                                     "Connections to the sink that have not authenticated yet.",
+                                     registry=r)
+        self.unauthenticated_refused = Counter(
+            "replicator_unauthenticated_refused",
+            "Connections closed before authenticating, by reason.", ["reason"], registry=r)
         # Export every label combination from the start (at 0): a series that first appears at
         # 1 looks like "no increase" to increase()/rate(), so the first switch (usually the
         # only one of a source's lifetime) would be invisible to dashboards and alerts.
@@ -106,6 +115,8 @@ class Metrics:
             self.pages_sent.labels(enc)
         for kind in ("raw", "wire"):
             self.sent_bytes.labels(kind)
+        for reason in UNAUTHENTICATED_REFUSALS:
+            self.unauthenticated_refused.labels(reason)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -381,6 +381,29 @@ def test_peer_timeout_at_least_one_second(tmp_path):
     expect_error(tmp_path, MINIMAL + "[peer]\ntimeout = 0.5\n", "peer.timeout")
 
 
+def test_unauthenticated_connection_limits(tmp_path):
+    cfg = load_text(tmp_path, MINIMAL)
+    assert cfg.peer.handshake_timeout == 5.0
+    assert (cfg.peer.max_unauthenticated, cfg.peer.max_unauthenticated_per_address) == (64, 32)
+    cfg = load_text(tmp_path, MINIMAL + "[peer]\nhandshake_timeout = 2\nmax_unauthenticated = 8"
+                    "\nmax_unauthenticated_per_address = 8\n")
+    assert cfg.peer.handshake_timeout == 2.0 and type(cfg.peer.handshake_timeout) is float
+    assert (cfg.peer.max_unauthenticated, cfg.peer.max_unauthenticated_per_address) == (8, 8)
+
+
+@pytest.mark.parametrize("text,key", [
+    ("handshake_timeout = 0.1", "peer.handshake_timeout"),
+    ("handshake_timeout = 1000", "peer.handshake_timeout"),
+    ("max_unauthenticated = 0", "peer.max_unauthenticated"),
+    ("max_unauthenticated_per_address = 0", "peer.max_unauthenticated_per_address"),
+    ("max_unauthenticated = 8\nmax_unauthenticated_per_address = 9",
+     "peer.max_unauthenticated_per_address"),
+    ("max_unauthenticated = \"many\"", "peer.max_unauthenticated"),
+])
+def test_bad_unauthenticated_connection_limits(tmp_path, text, key):
+    expect_error(tmp_path, MINIMAL + f"[peer]\n{text}\n", key)
+
+
 @pytest.mark.parametrize("field,value", [
     ("step_timeout", "0"), ("step_timeout", "-1"),
     ("target_downtime", "0"), ("target_downtime", "-0.05"),

@@ -690,3 +690,56 @@ def test_fuzz_batch_round_trip(n, zero_bits, codec_name, seed):
     for j, p in enumerate(dec.pages.tolist()):
         assert dec.data[j * PAGE_SIZE:(j + 1) * PAGE_SIZE] == \
             bytes(buf[pos[p] * PAGE_SIZE:(pos[p] + 1) * PAGE_SIZE])
+
+
+# --- schema limits: what a hostile frame can make msgpack build -----------------------------------
+
+_N = 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize("shape", ["4M empty arrays", "deep arrays of ints", "4096 empty maps",
+                                   "4096 arrays of 4096", "ext"])
+@pytest.mark.parametrize("cls", m.MESSAGE_TYPES, ids=lambda c: c.__name__)
+def test_hostile_structure_is_refused_before_msgpack_builds_it(cls, shape):
+    """Typed as any message, a frame of millions of nested objects is refused as malformed
+    while allocating next to nothing (the old decoder built ~300 MiB of lists from 4 MiB)."""
+    head = b"\x92" + bytes([cls.TYPE])
+    body = head + {
+        "4M empty arrays": b"\xdd" + struct.pack(">I", _N) + b"\x90" * _N,
+        "deep arrays of ints": (b"\xdc\x10\x00" + b"\x01" * 4095) * 1000 + b"\xc0",
+        "4096 empty maps": b"\xdc\x10\x00" + b"\x80" * 4096,
+        "4096 arrays of 4096": b"\xdc\x10\x00" + (b"\xdc\x10\x00" + b"\xc0" * 4096) * 4096,
+        "ext": b"\xc7\x00\x05" * 4096,
+    }[shape]
+    tracemalloc.start()
+    try:
+        with pytest.raises(MalformedFrame):
+            decode_body(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, (cls.__name__, shape, peak)
+
+
+def test_messages_with_tuples_are_capped_in_size():
+    small = m.Hello(m.PROTOCOL_VERSION, "n", "vm", (m.RegionInfo("ram", 4096),), vm=b"v" * 1000)
+    assert decode_all(encode(small)) == [small]
+    big = dataclasses.replace(small, vm=b"v" * codec.MAX_LISTY_FRAME)
+    with pytest.raises(MalformedFrame, match="larger than any such message"):
+        decode_all(encode(big))
+    # The widest legitimate ones still decode.
+    wide = m.Hello(m.PROTOCOL_VERSION, "n", "vm",
+                   tuple(m.RegionInfo(f"r{i}", 4096) for i in range(MAX_TUPLE)))
+    assert decode_all(encode(wide)) == [wide]
+    reply = m.VerifyReply(1, 2, (b"\x00" * 16,) * MAX_TUPLE)
+    assert decode_all(encode(reply)) == [reply]
+
+
+@pytest.mark.parametrize("body", [
+    b"\xdc\x00\x02\x09\x01",                # array16 header: our encoder writes fixarrays
+    b"\x92\xcc\x09\x01",                    # type as uint8
+    b"\x92\x09\xc7\x00\x05",                # zero-length ext where an int belongs
+], ids=lambda b: b.hex())
+def test_non_canonical_frame_starts_are_refused(body):
+    with pytest.raises(MalformedFrame):
+        decode_all(frame(body))

@@ -23,11 +23,17 @@ from ..link import Link
 from ..metrics import Metrics
 from ..wire import messages as m
 from ..wire.pages import decode_batch
+from .admission import Admission
 from .store import ShadowStore
 
 log = logging.getLogger(__name__)
 
 MANIFEST_CHUNK_PAGES = 512 * 1024
+# What a connection's reader buffers before pausing the socket: a few pre-auth frames until the
+# peer proved its ID (a stranger's 4 MiB frame is refused by its header, not buffered), then
+# room for page batches.
+PRE_AUTH_READ_LIMIT = 16 * 1024
+SESSION_READ_LIMIT = 1 << 20
 # Epochs grow by one per round; a peer jumping far ahead is broken or hostile (and would
 # eventually overflow the 64-bit epoch the journal and the wire carry).
 MAX_EPOCH_STEP = 1 << 20
@@ -57,20 +63,24 @@ class SinkReceiver:
         self._busy = asyncio.Lock()
         self.identity = identity_for(cfg)
         self._pinned = pinned_peer(cfg) if self.identity is not None else ""
+        self._ssl = self.identity.server_context() if self.identity is not None else None
+        self.admission = Admission(cfg.peer.max_unauthenticated,
+                                   cfg.peer.max_unauthenticated_per_address, self.metrics)
 
     # --- server --------------------------------------------------------------------------------
 
     async def start(self) -> tuple[str, int]:
         host, port = parse_address(self.cfg.peer.listen, key="peer.listen")
-        ssl_ctx = self.identity.server_context() if self.identity is not None else None
-        self._server = await asyncio.start_server(
-            self._handle, host, port, limit=1 << 20, ssl=ssl_ctx,
-            ssl_handshake_timeout=self.cfg.peer.timeout if ssl_ctx is not None else None)
+        # TLS starts in _authenticated, after the admission caps: a stranger beyond them costs
+        # no TLS session. Its reader buffers little until it has authenticated.
+        self._server = await asyncio.start_server(self._handle, host, port,
+                                                  limit=PRE_AUTH_READ_LIMIT)
         sock = self._server.sockets[0].getsockname()
         log.info("sink listening on %s:%d for domain %s", sock[0], sock[1], self.cfg.domain.name)
         return sock[0], sock[1]
 
     async def stop(self) -> None:
+        self.admission.close()
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
@@ -83,17 +93,51 @@ class SinkReceiver:
             self.store.close(clean=True)
             self.store = None
 
+    async def _authenticated(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> Link | None:
+        """The connection once it is TLS and proved the paired source's ID, within
+        peer.handshake_timeout and under the admission caps; None once refused and closed."""
+        peername = writer.get_extra_info("peername")
+        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
+        pending = self.admission.admit(peername, peer)
+        timeout = self.cfg.peer.handshake_timeout
+        tls_done = self._ssl is None
+        try:
+            async with asyncio.timeout(timeout):
+                if self._ssl is not None:
+                    await writer.start_tls(self._ssl, ssl_handshake_timeout=timeout + 1)
+                    tls_done = True
+                link = Link(reader, writer, self.cfg.stream.max_frame_bytes)
+                if self.identity is not None:
+                    await authenticate_client(link, self.identity, self._pinned, timeout)
+            # The paired source: the reader may buffer as much as page batches need (it pauses
+            # the socket beyond twice this; StreamReader has no public setter for it).
+            reader._limit = SESSION_READ_LIMIT
+            return link
+        except asyncio.CancelledError:
+            # Evicted (see Admission) or the sink stops: either way this connection just ends.
+            # Not re-raised: asyncio (3.11) logs a cancelled connection handler as an error.
+            asyncio.current_task().uncancel()
+            if pending.evicted is None:
+                _abort(writer)
+                return None
+            reason, text = pending.evicted
+        except Exception as exc:                     # whatever a stranger causes is a refusal
+            reason, text = Admission.classify(exc, tls_done, timeout)
+        finally:
+            self.admission.release(pending)
+        line = self.admission.refused(pending, reason, text)
+        if tls_done and not pending.evicted:
+            self.metrics.frames_rejected.inc()
+            if not self.connected.is_set():          # the paired source's state wins
+                self.last_error = line
+        _abort(writer)
+        return None
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = Link(reader, writer, self.cfg.stream.max_frame_bytes)
-        if self.identity is not None:
-            try:
-                await authenticate_client(link, self.identity, self._pinned, self.cfg.peer.timeout)
-            except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
-                self.last_error = f"refused {link.peer}: {exc or 'authentication timed out'}"
-                log.warning("%s", self.last_error)
-                self.metrics.frames_rejected.inc()
-                await link.close()
-                return
+        link = await self._authenticated(reader, writer)
+        if link is None:
+            return
         if self._busy.locked():
             # Only the paired (authenticated) source gets here: a new connection from it means
             # the old one is dead even if we have not noticed yet. Let the old session end.
@@ -244,6 +288,12 @@ class SinkReceiver:
         decoded = decode_batch(batch, npages)      # verifies every page before any write
         assert self.store is not None
         return self.store.write_batch(batch.region, batch.epoch, decoded)
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        if writer.transport is not None:
+            writer.transport.abort()
 
 
 async def _reject(link: Link, reason: str) -> None:

@@ -4,6 +4,14 @@ The decoder is sans-I/O in the hypercorn style: feed it bytes, take messages out
 declared length is checked against ``max_frame`` *before* its body is buffered, so a hostile
 length costs nothing. Decoded fields are checked against the message's annotations; anything
 off raises :class:`~replicator.errors.MalformedFrame`.
+
+Decoding is bounded by the schema before msgpack builds anything: the frame must start as
+``[type, ...]`` (a fixarray and a small int), and that type's limits apply to the whole body:
+no maps or extension types, arrays no longer than its widest field list or tuple, strings and
+binaries only where it has such fields, and no more arrays than its schema holds. A hostile
+frame (millions of nested empty arrays, say) is refused after a few objects instead of costing
+seconds and hundreds of MiB on the event loop. Messages with tuple fields are small by nature,
+so their frames are capped at :data:`MAX_LISTY_FRAME`.
 """
 
 from __future__ import annotations
@@ -21,9 +29,14 @@ from . import messages as m
 
 HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+# Before a peer has proven who it is, the only frames are the challenge (~100 bytes) and the
+# proof (certificate + signature, ~600 bytes): nothing from a stranger needs more.
+PRE_AUTH_MAX_FRAME = 4096
 # Strings in this protocol are names and messages; nothing legitimate is longer.
 MAX_STR = 64 * 1024
 MAX_TUPLE = 4096
+# Hello, VerifyReply and SwitchVerify (the messages with tuple fields) are a few KiB at most.
+MAX_LISTY_FRAME = 1024 * 1024
 
 
 def _checker(tp: Any) -> Callable[[Any], Any]:
@@ -95,10 +108,49 @@ def _struct_encode(obj: Any) -> list:
     return out
 
 
-_DECODERS: dict[int, tuple[type, Callable[[Any], Any]]] = {}
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Limits:
+    """What one message type's frame may contain, derived from its annotations."""
+    max_array: int
+    max_str: int
+    max_bin: int
+    max_arrays: int          # the message's own list, its tuples and the structs in them
+    max_body: int
+
+
+def _limits(cls: type) -> _Limits:
+    arrays, widest, strs, bins, listy = 1, 1 + len(dataclasses.fields(cls)), False, False, False
+
+    def visit(tp: Any) -> None:
+        nonlocal arrays, widest, strs, bins, listy
+        if tp is str:
+            strs = True
+        elif tp is bytes:
+            bins = True
+        elif typing.get_origin(tp) is tuple:
+            inner = typing.get_args(tp)[0]
+            listy, widest = True, max(widest, MAX_TUPLE)
+            arrays += 1 + (MAX_TUPLE if dataclasses.is_dataclass(inner) else 0)
+            visit(inner)
+        elif dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            widest = max(widest, len(dataclasses.fields(tp)))
+            for f in dataclasses.fields(tp):
+                visit(hints[f.name])
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        visit(hints[f.name])
+    return _Limits(widest, MAX_STR if strs else 0, (1 << 32) - 1 if bins else 0, arrays,
+                   MAX_LISTY_FRAME if listy else (1 << 32) - 1)
+
+
+_DECODERS: dict[int, tuple[type, Callable[[Any], Any], _Limits]] = {}
 for _cls in m.MESSAGE_TYPES:
     assert _cls.TYPE not in _DECODERS, _cls
-    _DECODERS[_cls.TYPE] = (_cls, _struct_decoder(_cls))
+    # The type must fit a positive fixint: decode_body reads it from the frame's second byte.
+    assert 0 <= _cls.TYPE < 0x80 and len(dataclasses.fields(_cls)) < 15, _cls
+    _DECODERS[_cls.TYPE] = (_cls, _struct_decoder(_cls), _limits(_cls))
 
 _packer = msgpack.Packer(use_bin_type=True)
 
@@ -111,16 +163,43 @@ def encode(msg: Any) -> bytes:
 
 def decode_body(body: bytes | memoryview) -> Any:
     """Decode one frame body (without the length prefix)."""
+    # Our encoder always writes a fixarray (0x91-0x9f) and the type as a positive fixint:
+    # read the type from the bytes and decode under that type's limits (module docstring).
+    if len(body) < 2 or not 0x91 <= body[0] <= 0x9f:
+        raise MalformedFrame("frame is not [type, fields...]")
+    entry = _DECODERS.get(body[1])
+    if entry is None:
+        raise MalformedFrame(f"unknown message type {body[1]}" if body[1] < 0x80 else
+                             f"unknown message type (encoded as 0x{body[1]:02x}...)")
+    cls, decode, lim = entry
+    if len(body) > lim.max_body:
+        raise MalformedFrame(f"{cls.__name__} frame of {len(body)} bytes is larger than any "
+                             f"such message (limit {lim.max_body})")
+    arrays = 0
+
+    def no_maps(d: dict) -> dict:
+        raise MalformedFrame(f"{cls.__name__} frame holds a map")
+
+    def count_array(a: list) -> list:
+        nonlocal arrays
+        arrays += 1
+        if arrays > lim.max_arrays:
+            raise MalformedFrame(f"{cls.__name__} frame holds more arrays than the message has")
+        return a
     try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        obj = msgpack.unpackb(body, raw=False, use_list=True, list_hook=count_array,
+                              object_hook=no_maps,
+                              max_array_len=lim.max_array, max_map_len=0, max_ext_len=0,
+                              max_str_len=lim.max_str, max_bin_len=lim.max_bin)
+    except MalformedFrame:
+        raise
+    except ValueError as exc:  # a limit: say which, it names the culprit in the logs
+        raise MalformedFrame(f"{cls.__name__} frame: {exc}") from None
     except Exception as exc:  # msgpack raises several unrelated exception types
         raise MalformedFrame(f"undecodable msgpack: {exc.__class__.__name__}") from None
-    if type(obj) is not list or not obj or type(obj[0]) is not int:
+    if type(obj) is not list:
         raise MalformedFrame("frame is not [type, fields...]")
-    entry = _DECODERS.get(obj[0])
-    if entry is None:
-        raise MalformedFrame(f"unknown message type {obj[0]}")
-    return entry[1](obj[1:])
+    return decode(obj[1:])
 
 
 class FrameDecoder:
