@@ -106,12 +106,28 @@ def format_status(st: dict) -> str:
         if last:
             lines.append(f"  last      {last['result']} ({last['mode']}): downtime "
                          f"{last.get('downtime_ms') or 0:.1f} ms, total "
-                         f"{last.get('time_to_switch_ms') or 0:.1f} ms {last.get('message', '')}")
+                         f"{last.get('time_to_switch_ms') or 0:.1f} ms"
+                         f"{'; ' + _switch_path(last) if last.get('path') else ''} "
+                         f"{last.get('message', '')}")
     else:
         lines.append(f"  shadow    epoch {st.get('acked_epoch')}, "
                      f"{_human_bytes(st.get('ram_bytes') or 0)}; "
                      f"{'RUNS THE DOMAIN' if st.get('runs_domain') else 'paused standby'}")
     return "\n".join(lines)
+
+
+def _switch_path(report: dict) -> str:
+    """How a switch ended: "path live", "path throttled (auto-converge, up to 70% CPU)",
+    "path stopped (after the deadlines; no throttle here)"."""
+    path = report.get("path") or "?"
+    throttle = report.get("throttle") or ""
+    if not throttle:
+        return f"path {path}"
+    what = "no throttle here" if throttle == "none" else throttle
+    if report.get("throttle_percent"):
+        what += f", up to {report['throttle_percent']}% CPU"
+    when = "after the deadlines; " if path == "stopped" else ""
+    return f"path {path} ({when}{what})"
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -192,7 +208,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
             print(json.dumps(data) if args.json else
                   f"switched ({data['mode']}): the domain runs on {data.get('peer') or 'the peer'}"
                   f"; downtime {data['downtime_ms']:.1f} ms, time to switch "
-                  f"{data['time_to_switch_ms']:.1f} ms")
+                  f"{data['time_to_switch_ms']:.1f} ms; {_switch_path(data)}")
             return 0
         print(f"switch failed (HTTP {code}): {data.get('error')}", file=sys.stderr)
         return 1

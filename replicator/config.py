@@ -150,9 +150,24 @@ class PeerConfig:
 
 @dataclass(frozen=True, slots=True)
 class SwitchConfig:
-    """How switches behave."""
-    target_downtime: float = 0.05           # live mode: catch up until the final delta fits
+    """How switches behave.
+
+    A live switch that has not converged by its live deadline throttles the guest (QEMU's
+    dirty-limit or auto-converge) and, if it still has not by the stop deadline (live deadline
+    + throttle_time), pauses the guest and sends the rest as stop mode does: it always ends."""
+    target_downtime: float = 0.05           # live mode: catch up until the final delta fits;
+                                            # also QEMU's downtime-limit (qemu-precopy)
     step_timeout: float = 60.0              # longest wait for one step's answer from the sink
+    live_deadline: float = 0.0              # seconds live before escalating; 0: derived,
+    live_deadline_min: float = 5.0          #   max(live_deadline_min,
+    live_deadline_factor: float = 4.0       #       live_deadline_factor x switch estimate)
+    # QEMU's throttle between the deadlines. "auto": dirty-limit where KVM has a dirty ring,
+    # else auto-converge (qemu-precopy only: it must be armed when the held-open migration
+    # starts, at 1% at most until a switch needs it). "none": straight to stop mode.
+    throttle: Literal["auto", "dirty-limit", "auto-converge", "none"] = "auto"
+    throttle_time: float = 10.0             # seconds throttled before stop mode (0: none)
+    throttle_initial: int = 30              # auto-converge: first CPU throttle, percent
+    throttle_increment: int = 20            # auto-converge: added while it does not converge
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +296,18 @@ def _validate(cfg: Config, path: str | None) -> None:
         bad("switch.step_timeout", "must be positive")
     if cfg.switch.target_downtime <= 0:
         bad("switch.target_downtime", "must be positive")
+    sw = cfg.switch
+    for key in ("live_deadline", "throttle_time"):
+        if getattr(sw, key) < 0:
+            bad(f"switch.{key}", "must be 0 or more seconds")
+    if sw.live_deadline_min <= 0:
+        bad("switch.live_deadline_min", "must be positive")
+    if sw.live_deadline_factor <= 0:
+        bad("switch.live_deadline_factor", "must be positive")
+    if not 1 <= sw.throttle_initial <= 99:
+        bad("switch.throttle_initial", "must be between 1 and 99 (percent)")
+    if not 1 <= sw.throttle_increment <= 100:
+        bad("switch.throttle_increment", "must be between 1 and 100 (percent)")
     parse_address(cfg.peer.address, key="peer.address", path=path)
     parse_address(cfg.peer.listen, key="peer.listen", path=path)
     if not cfg.control.listen.startswith("unix:"):

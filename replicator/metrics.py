@@ -85,6 +85,15 @@ class Metrics:
         self.switch_duration = Histogram("replicator_switch_duration_seconds",
                                          "Switch request to running on the other host.",
                                          ["mode"], buckets=_SWITCH_BUCKETS, registry=r)
+        self.switch_paths = Counter("replicator_switch_paths",
+                                    "Successful switches by mode and the path they took: live "
+                                    "(converged), throttled (converged once QEMU slowed the "
+                                    "guest), stopped (paused to send the rest).",
+                                    ["mode", "path"], registry=r)
+        self.switch_throttles = Counter("replicator_switch_throttles",
+                                        "Live switches past their live deadline, by the "
+                                        "throttle used (none: straight to stop mode).",
+                                        ["throttle"], registry=r)
         self.last_switch_downtime = Gauge("replicator_last_switch_downtime_seconds",
                                           "Downtime of the most recent successful switch.",
                                           registry=r)
@@ -111,6 +120,11 @@ class Metrics:
                 self.switches.labels(mode, result)
             self.switch_downtime.labels(mode)
             self.switch_duration.labels(mode)
+        for mode, path in (("live", "live"), ("live", "throttled"), ("live", "stopped"),
+                           ("stop", "stopped")):
+            self.switch_paths.labels(mode, path)
+        for throttle in ("dirty-limit", "auto-converge", "none"):
+            self.switch_throttles.labels(throttle)
         for enc in ("zero", "compressed", "raw"):
             self.pages_sent.labels(enc)
         for kind in ("raw", "wire"):

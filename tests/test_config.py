@@ -377,6 +377,47 @@ def test_peer_timeout_and_switch_table(tmp_path):
     assert cfg.switch.target_downtime == 0.2 and cfg.switch.step_timeout == 30.0
 
 
+def test_switch_deadlines_and_throttle(tmp_path):
+    cfg = load_text(tmp_path, MINIMAL)
+    sw = cfg.switch
+    assert (sw.live_deadline, sw.live_deadline_min, sw.live_deadline_factor) == (0.0, 5.0, 4.0)
+    assert (sw.throttle, sw.throttle_time) == ("auto", 10.0)
+    assert (sw.throttle_initial, sw.throttle_increment) == (30, 20)
+    cfg = load_text(tmp_path, MINIMAL + "[switch]\nlive_deadline = 3\nlive_deadline_min = 2\n"
+                    "live_deadline_factor = 8\nthrottle = \"auto-converge\"\n"
+                    "throttle_time = 0\nthrottle_initial = 50\nthrottle_increment = 25\n")
+    sw = cfg.switch
+    assert sw.live_deadline == 3.0 and type(sw.live_deadline) is float
+    assert (sw.live_deadline_min, sw.live_deadline_factor) == (2.0, 8.0)
+    assert (sw.throttle, sw.throttle_time) == ("auto-converge", 0.0)
+    assert (sw.throttle_initial, sw.throttle_increment) == (50, 25)
+
+
+def test_switch_deadline_derived_from_estimate():
+    from replicator.config import SwitchConfig
+    from replicator.source.converge import deadlines
+    sw = SwitchConfig(live_deadline_min=5, live_deadline_factor=4, throttle_time=10)
+    assert deadlines(sw, 0.02) == (d := deadlines(sw, 1.0)) and (d.live, d.stop) == (5, 15)
+    assert (deadlines(sw, 3.0).live, deadlines(sw, 3.0).stop) == (12, 22)
+    explicit = SwitchConfig(live_deadline=2, throttle_time=1)
+    assert (deadlines(explicit, 100).live, deadlines(explicit, 100).stop) == (2, 3)
+
+
+@pytest.mark.parametrize("text,key", [
+    ("live_deadline = -1", "switch.live_deadline"),
+    ("throttle_time = -0.5", "switch.throttle_time"),
+    ("live_deadline_min = 0", "switch.live_deadline_min"),
+    ("live_deadline_factor = 0", "switch.live_deadline_factor"),
+    ("throttle = \"cgroup\"", "switch.throttle"),
+    ("throttle_initial = 0", "switch.throttle_initial"),
+    ("throttle_initial = 100", "switch.throttle_initial"),
+    ("throttle_increment = 0", "switch.throttle_increment"),
+    ("live_deadlines = 3", "switch.live_deadlines"),
+])
+def test_bad_switch_deadlines_and_throttle(tmp_path, text, key):
+    expect_error(tmp_path, MINIMAL + f"[switch]\n{text}\n", key)
+
+
 def test_peer_timeout_at_least_one_second(tmp_path):
     expect_error(tmp_path, MINIMAL + "[peer]\ntimeout = 0.5\n", "peer.timeout")
 

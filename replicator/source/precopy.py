@@ -39,7 +39,8 @@ from ..link import Link
 from ..metrics import Metrics
 from ..wire import messages as m
 from ..wire.pages import ZERO_HASH
-from ..vmm.qemu import RAM_BACKEND_ID
+from ..vmm.qemu import RAM_BACKEND_ID, QmpEvent
+from .converge import Deadlines, Throttle
 from .driver import Region
 from .precopy_stream import PageKind, PageRecord, PrecopyEditor, RamEos
 from .sender import SourceReplicator
@@ -87,6 +88,7 @@ class PrecopyReplicator(SourceReplicator):
         self._qsock: socket.socket | None = None
         self._editor: PrecopyEditor | None = None
         self._buf = bytearray(RECV_CHUNK)
+        self.throttle = Throttle(driver.proc, cfg.switch)
 
     # --- page bookkeeping (runs inside the editor, per record) ---------------------------------
 
@@ -145,6 +147,8 @@ class PrecopyReplicator(SourceReplicator):
             os.chmod(self.sock_path, 0o600)
             listener.listen(1)
             listener.setblocking(False)
+            # auto-converge can only be switched on before a migration starts.
+            await self.throttle.arm()
             await self.driver.proc.start_precopy(f"unix:{self.sock_path}")
             loop = asyncio.get_running_loop()
             conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 30)
@@ -168,6 +172,7 @@ class PrecopyReplicator(SourceReplicator):
             info = await proc.query_migrate()
             if info.get("status") not in ("completed", "failed", "cancelled", "none", None):
                 await proc.execute("migrate_cancel")
+        await self.throttle.undo()           # `replicator pause` leaves QEMU as it was
 
     # --- the stream ------------------------------------------------------------------------------
 
@@ -358,16 +363,27 @@ class PrecopySwitcher(Switcher):
 
     rep: PrecopyReplicator
 
+    @property
+    def throttle(self) -> Throttle:
+        return self.rep.throttle            # armed with each held-open migration
+
     async def _hand_over_memory(self, report: SwitchReport, ctx: _Progress) -> None:
         rep = self.rep
         proc = self.driver.proc
+        live = report.mode == "live"
+        if live:
+            dl = self._deadlines(report)
+            # Once the ACK is out QEMU pauses the guest as soon as what is left fits its
+            # downtime-limit: never longer than our target (stop mode pauses at once).
+            await self.throttle.set_downtime_limit(self.target_downtime)
         mark = proc.event_mark()
         rep.switching.set()                       # drain QEMU's socket continuously
         await checkpoint("source-before-pause")
         report.phase = "final-delta"
-        if report.mode == "live":
+        if live:
             await self._step_nowait(m.SwitchRelease(report.switch_id))
         else:
+            report.path = "stopped"
             ctx.wall_pause = time.time()
             ctx.t_pause = time.monotonic()
             await self.driver.pause()
@@ -377,12 +393,14 @@ class PrecopySwitcher(Switcher):
             return rep.pages_forwarded + rep.zero_records + rep.pages_dropped
 
         before = records()
-        await self._expect(report, "loaded")
-        stop = await proc.wait_event("STOP", timeout=self.step_timeout, after=mark) \
-            if report.mode == "live" else None
-        if stop is not None:
+        if live:
+            stop = await self._converge(report, ctx, mark, dl)
+            before = records()
             ctx.wall_pause = stop.qemu_wall or stop.wall
             ctx.t_pause = stop.monotonic
+        # The guest is paused: QEMU sends what is left, then the device state.
+        remaining = int((await proc.query_migrate()).get("ram", {}).get("remaining") or 0)
+        await self._expect_within(report, "loaded", self._drain_timeout(remaining))
         # QEMU on the source completes once the shadow's SHUT came back through the relay;
         # only then can a lost link no longer make it resume the guest by itself.
         report.phase = "source-complete"
@@ -404,6 +422,45 @@ class PrecopySwitcher(Switcher):
         report.shadow_verified = True
         await checkpoint("source-device-sent")
 
+    async def _converge(self, report: SwitchReport, ctx: _Progress, mark: int,
+                        dl: Deadlines) -> QmpEvent:
+        """Live, after the ACK went out: wait for QEMU to pause the guest by itself; past the
+        live deadline throttle the guest, past the stop deadline pause it ourselves (QEMU then
+        sends the rest, as in stop mode). Returns the STOP event that began the downtime."""
+        proc = self.driver.proc
+        stop = await self._await_stop(report, mark, ctx.t_request + dl.live)
+        if stop is None and await self._escalate(report, migrating=True):
+            report.path = "throttled"
+            stop = await self._await_stop(report, mark, ctx.t_request + dl.stop)
+        if stop is None:
+            report.path = "stopped"
+            log.warning("switch %s: no convergence within %.1f s; pausing the guest to send "
+                        "the rest", report.switch_id, time.monotonic() - ctx.t_request)
+            await self.driver.pause()
+            # The first STOP since the release, ours or QEMU's own (they may cross).
+            stop = await proc.wait_event("STOP", timeout=self.step_timeout, after=mark)
+        elif not report.path:
+            report.path = "live"
+        return stop
+
+    async def _await_stop(self, report: SwitchReport, mark: int, until: float
+                          ) -> QmpEvent | None:
+        """The guest's STOP since ``mark``, or None once ``until`` (monotonic) passed."""
+        proc = self.driver.proc
+        while (left := until - time.monotonic()) > 0:
+            with contextlib.suppress(QemuError):      # no STOP yet; the query tells the rest
+                return await proc.wait_event("STOP", timeout=min(0.5, left), after=mark)
+            info = await proc.query_migrate()
+            if info.get("status") in ("failed", "cancelled", "none"):
+                raise SwitchError(f"source QEMU's migration ended {info.get('status')!r}: "
+                                  f"{info.get('error-desc', '')}")
+            pct = int(info.get("cpu-throttle-percentage") or 0)
+            report.throttle_percent = max(report.throttle_percent, pct)
+            await self.throttle.ramp(pct)
+            if not self.rep.connected.is_set():
+                raise PeerError("link to the sink lost")
+        return None
+
     async def _step_nowait(self, msg: object) -> None:
         link = self.rep.link
         if link is None:
@@ -423,7 +480,7 @@ class PrecopySwitcher(Switcher):
         with contextlib.suppress(QemuError):
             info = await proc.query_migrate()
             if info.get("status") not in ("completed", "failed", "cancelled", "none"):
-                await proc.execute("migrate_cancel")
+                await proc.execute("migrate_cancel")   # also ends auto-converge's throttle
         # Wherever QEMU left it (stopped for the switch, postmigrate after completing), the
         # sink never committed: this host runs the domain.
         for _ in range(200):
@@ -435,6 +492,7 @@ class PrecopySwitcher(Switcher):
                     await proc.cont(allow_postmigrate=True)
             await asyncio.sleep(0.01)
         log.info("switch %s: domain resumed here", report.switch_id)
+        await self.throttle.undo()
         # The relayed stream is spent: start a new session (and migration) from scratch.
         if link is not None:
             await link.close()

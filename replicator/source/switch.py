@@ -20,6 +20,7 @@ sink runs the domain, so it stays paused and asks the sink when the link is back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from ..config import PAGE_SIZE
 from ..errors import HandedOver, PeerError, ReplicatorError, SwitchError, SwitchInProgress
 from ..faults import checkpoint
 from ..wire import messages as m
+from .converge import Deadlines, Throttle, deadlines
 from .driver import DomainDriver
 from .sender import SourceReplicator
 
@@ -58,6 +60,14 @@ class SwitchReport:
     device_state_bytes: int = 0
     shadow_verified: bool = False
     peer: str = ""
+    # How it ended: "live" (converged), "throttled" (converged once QEMU slowed the guest) or
+    # "stopped" (paused to send the rest: stop mode, or a live switch past its deadlines).
+    path: str = ""
+    throttle: str = ""                   # past the live deadline: dirty-limit | auto-converge |
+                                         # none (no throttle here: straight to stop)
+    throttle_percent: int = 0            # auto-converge: the highest CPU throttle QEMU applied
+    live_deadline_s: float | None = None
+    stop_deadline_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +130,13 @@ class Switcher:
         self.current: SwitchReport | None = None
         self.last: SwitchReport | None = None
         self._lock = asyncio.Lock()
+        proc = getattr(driver, "proc", None)
+        self._throttle = Throttle(proc, rep.cfg.switch) if proc is not None else None
+
+    @property
+    def throttle(self) -> Throttle | None:
+        """QEMU's guest throttling (QEMU domains only)."""
+        return self._throttle
 
     @property
     def handed_over(self) -> bool:
@@ -175,7 +192,10 @@ class Switcher:
             finally:
                 self.last = report
                 self.current = None
+                if report.throttle:
+                    mt.switch_throttles.labels(report.throttle).inc()
             mt.switches.labels(mode, "ok").inc()
+            mt.switch_paths.labels(mode, report.path).inc()
             if report.downtime_ms is not None:
                 mt.switch_downtime.labels(mode).observe(report.downtime_ms / 1000)
                 mt.last_switch_downtime.set(report.downtime_ms / 1000)
@@ -191,6 +211,17 @@ class Switcher:
             raise PeerError(f"link to the sink lost before {step}")
         await link.send(msg)
         return await self._expect(report, step)
+
+    async def _expect_within(self, report: SwitchReport, step: str,
+                             timeout: float) -> m.SwitchResult:
+        """:meth:`_expect`, waiting up to ``timeout`` (in whole steps) rather than one step."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                return await self._expect(report, step)
+            except asyncio.TimeoutError:
+                if time.monotonic() >= end:
+                    raise
 
     async def _expect(self, report: SwitchReport, step: str) -> m.SwitchResult:
         while True:
@@ -226,6 +257,11 @@ class Switcher:
             await self._step(report, m.SwitchPrepare(report.switch_id, report.mode), "prepare")
             await self._hand_over_memory(report, ctx)
             await self._commit(report, ctx)
+            if self.throttle is not None:
+                # The guest is paused for good; leave its QEMU as it was. Past the commit no
+                # error may reach the rollback below.
+                with contextlib.suppress(Exception):
+                    await self.throttle.undo()
         except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
             if ctx.committed_sent:
@@ -250,18 +286,33 @@ class Switcher:
         await self.driver.prepare_switch()
         # Catch up while running (live).
         await rep.pause_scanning()
+        report.path = "stopped"
         if report.mode == "live":
             report.phase = "catch-up"
+            dl = self._deadlines(report)
+            throttled = False
             for _ in range(CATCHUP_MAX_ROUNDS):
-                rnd = await rep.sync(self.step_timeout)
+                left = ctx.t_request + (dl.stop if throttled else dl.live) - time.monotonic()
+                if left <= 0:
+                    if throttled or not await self._escalate(report, migrating=False):
+                        log.warning("switch %s: no convergence within %.1f s; stop mode",
+                                    report.switch_id, time.monotonic() - ctx.t_request)
+                        break
+                    throttled = True
+                    continue
+                try:
+                    rnd = await rep.sync(left)
+                except asyncio.TimeoutError:
+                    continue                  # the deadline passed during this round
                 report.catchup_rounds += 1
                 snap = rep.ledger.snapshot()
-                link = snap.link_rate or 100e6
+                link = self._link_rate()
                 predicted = snap.round_seconds + rnd.pages * PAGE_SIZE * snap.wire_ratio / link
                 log.info("switch %s: catch-up round %d found %d pages; predicted final "
                          "delta %.1f ms", report.switch_id, report.catchup_rounds,
                          rnd.pages, predicted * 1000)
                 if predicted <= self.target_downtime + snap.round_seconds:
+                    report.path = "throttled" if throttled else "live"
                     break
         await checkpoint("source-before-pause")
         report.phase = "pause"
@@ -271,7 +322,8 @@ class Switcher:
         ctx.paused = True
         await checkpoint("source-paused")
         report.phase = "final-delta"
-        rnd = await rep.sync(self.step_timeout)
+        # Paused, the guest dirties nothing more: what is left takes its time on the link.
+        rnd = await rep.sync(self._drain_timeout(rep.lag_snapshot().lag_bytes))
         report.final_delta_pages = rnd.pages
         report.final_delta_bytes = rnd.pages * PAGE_SIZE
         await checkpoint("source-final-delta")
@@ -292,6 +344,34 @@ class Switcher:
                                           off + DEVICE_CHUNK >= len(data)))
         await self._expect(report, "device")
         await checkpoint("source-device-sent")
+
+    def _deadlines(self, report: SwitchReport) -> Deadlines:
+        """This live switch's deadlines, from the estimate when it was requested."""
+        dl = deadlines(self.rep.cfg.switch, self.rep.lag_snapshot().switch_estimate)
+        report.live_deadline_s, report.stop_deadline_s = dl.live, dl.stop
+        return dl
+
+    def _link_rate(self) -> float:
+        """Bytes/s the link carries now: the best seen, or the configured cap if lower."""
+        rate = self.rep.ledger.link_rate or 100e6
+        cap = self.rep.limiter.rate
+        return min(rate, cap) if cap else rate
+
+    def _drain_timeout(self, remaining: int) -> float:
+        """Longest wait for a paused guest's last pages: one step plus twice their link time."""
+        return self.step_timeout + 2 * remaining / self._link_rate()
+
+    async def _escalate(self, report: SwitchReport, migrating: bool) -> bool:
+        """Past the live deadline: QEMU throttles the guest, if it can here."""
+        used = "none"
+        if self.throttle is not None:
+            used = await self.throttle.engage(self._link_rate(), migrating)
+        report.throttle = used
+        log.warning("switch %s: not converged by its live deadline (%.1f s); %s",
+                    report.switch_id, report.live_deadline_s or 0,
+                    f"throttling the guest ({used})" if used != "none" else
+                    "no throttle here, stop mode")
+        return used != "none"
 
     async def _commit(self, report: SwitchReport, ctx: "_Progress") -> None:
         """Point of no return: from here on this side never resumes on its own."""
@@ -332,6 +412,8 @@ class Switcher:
         if paused:
             await self.driver.resume()
             log.info("switch %s: domain resumed here", report.switch_id)
+        if self.throttle is not None:
+            await self.throttle.undo()
 
     @property
     def pending_commit(self) -> dict | None:
@@ -356,8 +438,16 @@ class Switcher:
         """After an ambiguous commit: wait for the sink to tell us who runs the domain."""
         rep = self.rep
         seen = rep.sessions if seen is None else seen
+        rep.urgent = True                     # the domain is paused: no back-off
+        try:
+            await self._await_verdict(report, seen)
+        finally:
+            rep.urgent = False
+
+    async def _await_verdict(self, report: SwitchReport, seen: int) -> None:
+        rep = self.rep
         while True:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.05)
             if rep.sessions == seen:
                 continue
             if rep.sink_handed_over:
