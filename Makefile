@@ -10,7 +10,8 @@ STAMP   := $(VENV)/.installed
 .PHONY: test test-fast demo bench bench-quick compare compare-quick deps venv guest clean
 
 $(STAMP): pyproject.toml
-	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v busybox >/dev/null \
+	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null \
+	    || ! command -v busybox >/dev/null \
 	    || ! command -v promtool >/dev/null || ! command -v chromium >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then bash deploy/install-deps.sh; \
 	  else echo "missing system packages: run 'sudo bash deploy/install-deps.sh'" >&2; exit 1; fi; \

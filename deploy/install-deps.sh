@@ -52,8 +52,9 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 
-# QEMU 10 from backports; bookworm's 7.2 lacks what the switch needs.
-apt-get install -y -q --no-install-recommends -t "$backports" qemu-system-x86
+# QEMU 10 from backports; bookworm's 7.2 lacks what the switch needs. qemu-utils (qemu-img)
+# of the same version makes the qcow2 disks of the tests.
+apt-get install -y -q --no-install-recommends -t "$backports" qemu-system-x86 qemu-utils
 
 # Everything else from the release itself.
 apt-get install -y -q --no-install-recommends \

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .wire.messages import SAFE_NAME
 
 PAGE_SIZE = 4096
 
@@ -82,19 +83,33 @@ class RegionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskConfig:
+    """A disk image on storage both hosts reach at the same path. ``auto``: the format the
+    file's header shows (qcow2 magic, else raw); an explicit format is safer."""
+    path: Path
+    format: Literal["auto", "raw", "qcow2"] = "auto"
+
+
+@dataclass(frozen=True, slots=True)
 class QemuConfig:
-    """A QEMU domain. The desktop VM is attached by QMP socket or launched from this spec."""
+    """A QEMU domain. The desktop VM is attached by QMP socket or launched from this spec.
+
+    On a sink this is the VM the laptop runs: every file its QEMU opens comes from here (or the
+    state dir), never from the source. The source's RAM size, vCPUs, machine and CPU model must
+    equal what is set here; what is left unset (0 or "") is taken from the source, as those
+    name no file."""
     qmp_socket: Path | None = None          # attach to a running VM (source)
     launch: bool = False                    # launch the VM ourselves from the fields below
-    ram_size: int = 512 * 1024**2
+    ram_size: int = 0                       # 0: 512 MiB when launching; a sink: the source's
     ram_path: Path | None = None            # shared file backing guest RAM (memory-backend-file)
-    vcpus: int = 1
+    vcpus: int = 0                          # 0: 1 when launching; a sink: the source's
     accel: Literal["tcg", "kvm", "auto"] = "auto"
-    cpu_model: str = ""
+    machine: str = ""                       # "": q35 when launching; a sink: the source's
+    cpu_model: str = ""                     # "": the accel's default; a sink: the source's
     kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
-    disks: tuple[Path, ...] = ()
+    disks: tuple[DiskConfig, ...] = ()      # "/path" or {path = "/path", format = "qcow2"}
     serial_log: Path | None = None
 
 
@@ -109,6 +124,9 @@ class DomainConfig:
     pause_command: tuple[str, ...] = ()
     resume_command: tuple[str, ...] = ()
     pid_file: Path | None = None            # file driver: pause/resume by SIGSTOP/SIGCONT
+    # A sink refuses a source offering more guest RAM (all regions together) than this; a QEMU
+    # domain whose qemu.ram_size is set must offer exactly that.
+    max_ram_size: int = 64 * 1024**3
     qemu: QemuConfig = field(default_factory=QemuConfig)
 
 
@@ -192,7 +210,8 @@ class Config:
 
 
 # Keys whose values are sizes or rates (parsed with parse_size).
-_SIZE_KEYS = {"size", "ram_size", "max_frame_bytes", "bandwidth_limit", "precopy_backlog"}
+_SIZE_KEYS = {"size", "ram_size", "max_ram_size", "max_frame_bytes", "bandwidth_limit",
+              "precopy_backlog"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,6 +220,8 @@ _SIZE_KEYS = {"size", "ram_size", "max_frame_bytes", "bandwidth_limit", "precopy
 def _convert(value: Any, tp: Any, key: str, path: str | None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if tp is DiskConfig and isinstance(value, str):
+        value = {"path": value}             # the short form: a path, format "auto"
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"expected a table, got {type(value).__name__}", path=path, key=key)
@@ -317,12 +338,14 @@ def _validate(cfg: Config, path: str | None) -> None:
             bad(f"control.allowed_hosts[{i}]", f"{h!r} is not a host name or IP address "
                 "(no scheme, port or path: e.g. \"desktop.lan\")")
     d = cfg.domain
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", d.name):
-        bad("domain.name", "use letters, digits, '_', '.', '-' (at most 64)")
+    if not SAFE_NAME.fullmatch(d.name):
+        bad("domain.name", "use letters, digits, '_', '.', '-' (at most 64, not starting "
+            "with '.', '_' or '-')")
     seen = set()
     for i, r in enumerate(d.regions):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", r.name):
-            bad(f"domain.regions[{i}].name", "use letters, digits, '_', '.', '-'")
+        if not SAFE_NAME.fullmatch(r.name):
+            bad(f"domain.regions[{i}].name", "use letters, digits, '_', '.', '-' (at most 64, "
+                "not starting with '.', '_' or '-')")
         if r.name in seen:
             bad(f"domain.regions[{i}].name", f"duplicate region name {r.name!r}")
         seen.add(r.name)
@@ -334,6 +357,25 @@ def _validate(cfg: Config, path: str | None) -> None:
         bad("domain.tracker", 'qemu-precopy needs driver = "qemu"')
     if d.driver == "qemu" and d.qemu.ram_size % PAGE_SIZE:
         bad("domain.qemu.ram_size", f"must be a multiple of {PAGE_SIZE}")
+    if d.max_ram_size < PAGE_SIZE:
+        bad("domain.max_ram_size", "must be at least one page")
+    q = d.qemu
+    if not 0 <= q.vcpus <= 255:
+        bad("domain.qemu.vcpus", "must be between 1 and 255 (0: as the source / 1)")
+    for key in ("machine", "cpu_model"):
+        value = getattr(q, key)
+        if value and not SAFE_NAME.fullmatch(value):
+            bad(f"domain.qemu.{key}", f"{value!r} is not a plain name (letters, digits, "
+                "'.', '_', '-'; no options)")
+    disk_paths: set[Path] = set()
+    for i, disk in enumerate(q.disks):
+        if "\0" in str(disk.path) or "\n" in str(disk.path):
+            bad(f"domain.qemu.disks[{i}].path", "must not contain NUL or newline characters")
+        if not disk.path.is_absolute():
+            bad(f"domain.qemu.disks[{i}].path", "must be an absolute path (the same on both hosts)")
+        if disk.path in disk_paths:
+            bad(f"domain.qemu.disks[{i}].path", f"{str(disk.path)!r} is listed twice")
+        disk_paths.add(disk.path)
 
 
 _HOST_NAME_RE = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")

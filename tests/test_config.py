@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from replicator.config import (Config, ConfigError, DomainConfig, RegionConfig, load_config,
-                               parse_address, parse_size)
+from replicator.config import (Config, ConfigError, DiskConfig, DomainConfig, RegionConfig,
+                               load_config, parse_address, parse_size)
 from replicator.errors import ReplicatorError
 from replicator.identity import format_id
 
@@ -46,6 +46,7 @@ ram_path = "/dev/shm/guest"
 vcpus = 2
 accel = "kvm"
 cpu_model = "host"
+machine = "pc-q35-10.0"
 kernel = "/boot/vmlinuz"
 append = "console=ttyS0"
 disks = ["/var/lib/a.qcow2", "/var/lib/b.qcow2"]
@@ -131,7 +132,9 @@ def test_full_config(tmp_path):
     assert q.vcpus == 2 and q.accel == "kvm" and q.cpu_model == "host"
     assert q.kernel == Path("/boot/vmlinuz") and q.initrd is None
     assert q.append == "console=ttyS0"
-    assert q.disks == (Path("/var/lib/a.qcow2"), Path("/var/lib/b.qcow2"))
+    assert q.machine == "pc-q35-10.0"
+    assert q.disks == (DiskConfig(Path("/var/lib/a.qcow2"), "auto"),
+                       DiskConfig(Path("/var/lib/b.qcow2"), "auto"))
     s = cfg.stream
     assert s.compression == "lz4" and s.zstd_level == 3 and s.batch_pages == 128
     assert s.max_frame_bytes == 16 * 1024**2 and s.bandwidth_limit == 50_000_000
@@ -151,7 +154,10 @@ def test_defaults_from_minimal_file(tmp_path):
     assert cfg.domain.regions == (RegionConfig("ram", Path("/dev/shm/ram"), 0),)
     assert cfg.stream.compression == "zstd" and cfg.stream.batch_pages == 256
     assert cfg.stream.max_frame_bytes == 64 * 1024**2
-    assert cfg.domain.qemu.ram_size == 512 * 1024**2
+    # Unset (0 / ""): a launching source uses 512 MiB, 1 vCPU, q35; a sink takes the source's.
+    q = cfg.domain.qemu
+    assert q.ram_size == 0 and q.vcpus == 0 and q.machine == "" and q.cpu_model == ""
+    assert cfg.domain.max_ram_size == 64 * 1024**3
     assert cfg.peer.address == "127.0.0.1:7400"
 
 
@@ -588,3 +594,67 @@ def test_dataclass_defaults_are_valid():
     # The defaults alone (plus one region) pass validation: nothing in the schema contradicts it.
     cfg = load_config({"domain": {"regions": [{"name": "ram", "path": "/x"}]}})
     assert isinstance(cfg.domain, DomainConfig)
+
+
+# --- QEMU domain: disks, names, counts -----------------------------------------------------------
+
+QEMU_SINK = "[node]\nrole = \"sink\"\n[domain]\ndriver = \"qemu\"\n"
+
+
+def test_disks_short_form_and_tables(tmp_path):
+    short = load_text(tmp_path, QEMU_SINK + "[domain.qemu]\ndisks = [\"/srv/vm/a.img\"]\n")
+    assert short.domain.qemu.disks == (DiskConfig(Path("/srv/vm/a.img"), "auto"),)
+    inline = load_text(tmp_path, QEMU_SINK + "[domain.qemu]\ndisks = [\"/srv/a.img\", "
+                       "{path = \"/srv/b.qcow2\", format = \"qcow2\"}]\n")
+    assert inline.domain.qemu.disks == (DiskConfig(Path("/srv/a.img"), "auto"),
+                                        DiskConfig(Path("/srv/b.qcow2"), "qcow2"))
+    tables = load_text(tmp_path, QEMU_SINK + textwrap.dedent("""\
+        [[domain.qemu.disks]]
+        path = "/srv/vm/work.qcow2"
+        format = "qcow2"
+        [[domain.qemu.disks]]
+        path = "/srv/vm/data.img"
+        format = "raw"
+        """))
+    assert tables.domain.qemu.disks == (DiskConfig(Path("/srv/vm/work.qcow2"), "qcow2"),
+                                        DiskConfig(Path("/srv/vm/data.img"), "raw"))
+
+
+@pytest.mark.parametrize("disks,key,problem", [
+    ('[{path = "/a.img", format = "vmdk"}]', "domain.qemu.disks[0].format", "must be one of"),
+    ('[{path = "/a.img", fromat = "raw"}]', "domain.qemu.disks[0].fromat", "unknown key"),
+    ('[{format = "raw"}]', "domain.qemu.disks[0]", "incomplete"),
+    ('["vm/a.img"]', "domain.qemu.disks[0].path", "absolute"),
+    ('["/a.img", {path = "/a.img", format = "raw"}]', "domain.qemu.disks[1].path", "twice"),
+    ('["/a\\u0000b"]', "domain.qemu.disks[0].path", "NUL"),
+])
+def test_bad_disks(tmp_path, disks, key, problem):
+    expect_error(tmp_path, QEMU_SINK + f"[domain.qemu]\ndisks = {disks}\n", key, problem)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("machine", "q35,accel=kvm"), ("machine", "-q35"), ("cpu_model", "max,+vmx"),
+    ("cpu_model", "host -device x"),
+])
+def test_machine_and_cpu_model_are_plain_names(tmp_path, key, value):
+    expect_error(tmp_path, QEMU_SINK + f"[domain.qemu]\n{key} = \"{value}\"\n",
+                 f"domain.qemu.{key}", "not a plain name")
+
+
+@pytest.mark.parametrize("vcpus", [-1, 256])
+def test_vcpus_range(tmp_path, vcpus):
+    expect_error(tmp_path, QEMU_SINK + f"[domain.qemu]\nvcpus = {vcpus}\n",
+                 "domain.qemu.vcpus", "between 1 and 255")
+
+
+def test_max_ram_size(tmp_path):
+    cfg = load_text(tmp_path, QEMU_SINK + "max_ram_size = \"16GiB\"\n")
+    assert cfg.domain.max_ram_size == 16 * 1024**3
+    expect_error(tmp_path, QEMU_SINK + "max_ram_size = 0\n", "domain.max_ram_size",
+                 "at least one page")
+
+
+def test_nul_in_names_refused(tmp_path):
+    expect_error(tmp_path, '[domain]\nname = "vm\\u0000x"\n' + MINIMAL, "domain.name")
+    expect_error(tmp_path, '[[domain.regions]]\nname = "ram\\u0000"\npath = "/x"\n',
+                 "domain.regions[0].name")

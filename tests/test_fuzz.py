@@ -77,7 +77,17 @@ def _rand_value(rng: random.Random, tp) -> typing.Any:
 
 def _rand_message(rng: random.Random, cls: type) -> typing.Any:
     hints = _HINTS[cls]
-    return cls(*(_rand_value(rng, hints[f.name]) for f in dataclasses.fields(cls)))
+    return cls(*(_rand_name(rng) if (cls, f.name) in _NAME_FIELDS
+                 else _rand_value(rng, hints[f.name]) for f in dataclasses.fields(cls)))
+
+
+# Fields restricted to m.SAFE_NAME (file names on the sink).
+_NAME_FIELDS = {(m.Hello, "domain"), (m.RegionInfo, "name")}
+
+
+def _rand_name(rng: random.Random) -> str:
+    tail = "".join(rng.choice("abcXYZ019-_.") for _ in range(rng.randrange(0, 24)))
+    return rng.choice("abXY09") + tail
 
 
 def _real_batches(n: int) -> list[m.PageBatch]:

@@ -57,11 +57,14 @@ Source (GNU as, ``as --32``; ``ld -m elf_i386 -Ttext=0x100000 --oformat binary``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
 import struct
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -80,6 +83,7 @@ from replicator.vmm import (
     parse_stream_header,
     stream_capabilities,
 )
+from replicator.vmm.disks import DiskSpec, check_image, probe_format, query_disks
 
 MiB = 1024 * 1024
 RAM = 128 * MiB
@@ -145,7 +149,8 @@ def test_vmspec_defaults_and_cpu_model(tmp_path):
     assert spec.accel == "tcg" and spec.effective_cpu_model == "max"
     assert VmSpec("vm1", RAM, tmp_path / "r", accel="kvm").effective_cpu_model == "host"
     assert VmSpec("vm1", RAM, tmp_path / "r", accel="kvm", cpu_model="Skylake-Server").effective_cpu_model == "Skylake-Server"
-    assert VmSpec("vm1", RAM, tmp_path / "r", disks=[str(tmp_path / "d")]).disks == (tmp_path / "d",)
+    disks = VmSpec("vm1", RAM, tmp_path / "r", disks=[(str(tmp_path / "d"), "qcow2")]).disks
+    assert disks == (DiskSpec(tmp_path / "d", "qcow2"),) and isinstance(disks[0].path, Path)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.name = "other"  # type: ignore[misc]
 
@@ -164,7 +169,9 @@ def test_vmspec_defaults_and_cpu_model(tmp_path):
     (dict(kernel="/k", append="a\nb"), "append"),
     (dict(initrd="/i"), "kernel"),
     (dict(disks="/one/path"), "disks"),
-    (dict(disk_format="vmdk"), "disk_format"),
+    (dict(disks=["/no/format"]), r"disks\[0\]"),        # a format is never assumed
+    (dict(disks=[("/d", "vmdk")]), r"disks\[0\]"),
+    (dict(disks=[("/d\0x", "raw")]), r"disks\[0\]"),
     (dict(machine="q35,accel=kvm"), "machine"),
     (dict(uuid="not-a-uuid"), "uuid"),
     (dict(ram_path=None), "ram_path"),
@@ -182,7 +189,8 @@ def test_build_argv_source_and_shadow(tmp_path):
     spec = VmSpec(
         name="src", ram_bytes=RAM, ram_path=tmp_path / "ram,1", vcpus=2,
         kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd", append="console=ttyS0 quiet",
-        disks=(tmp_path / "a.img",), serial_log=tmp_path / "serial.log",
+        disks=(DiskSpec(tmp_path / "a,b.img", "raw"), DiskSpec(tmp_path / "c.qcow2", "qcow2")),
+        serial_log=tmp_path / "serial.log",
         uuid="12345678-1234-5678-1234-567812345678",
     )
     argv = build_argv(spec, tmp_path / "q.sock", incoming=None, paused=False)
@@ -199,7 +207,19 @@ def test_build_argv_source_and_shadow(tmp_path):
     assert argv[argv.index("-serial") + 1] == f"file:{tmp_path}/serial.log"
     assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet"
     assert argv[argv.index("-uuid") + 1] == "12345678-1234-5678-1234-567812345678"
-    assert any(a.startswith(f"file={tmp_path}/a.img,format=raw,if=virtio") for a in argv)
+    # Each disk: a JSON -blockdev (path verbatim, explicit format, qcow2 without a backing file
+    # from its header) and a virtio-blk device on it, in order.
+    blockdevs = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev"]
+    assert blockdevs == [
+        {"driver": "raw", "node-name": "disk0",
+         "file": {"driver": "file", "filename": f"{tmp_path}/a,b.img", "node-name": "disk0-file"}},
+        {"driver": "qcow2", "node-name": "disk1", "backing": None,
+         "file": {"driver": "file", "filename": f"{tmp_path}/c.qcow2",
+                  "node-name": "disk1-file"}}]
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices == ["virtio-blk-pci,drive=disk0,id=disk0-dev",
+                       "virtio-blk-pci,drive=disk1,id=disk1-dev"]
+    assert "-drive" not in argv
     assert any(a.startswith("socket,id=qmp0,path=") and "server=on,wait=off" in a for a in argv)
     assert "-S" not in argv and "-incoming" not in argv
 
@@ -209,7 +229,7 @@ def test_build_argv_source_and_shadow(tmp_path):
 
     kvm = build_argv(VmSpec("k", RAM, tmp_path / "r", accel="kvm"), tmp_path / "q.sock")
     assert kvm[kvm.index("-accel") + 1] == "kvm" and kvm[kvm.index("-cpu") + 1] == "host"
-    assert "-serial" not in kvm and "-kernel" not in kvm and "-drive" not in kvm
+    assert "-serial" not in kvm and "-kernel" not in kvm and "-blockdev" not in kvm
 
 
 def test_build_argv_rejects_bad_incoming_and_long_socket(tmp_path):
@@ -218,6 +238,44 @@ def test_build_argv_rejects_bad_incoming_and_long_socket(tmp_path):
         build_argv(spec, tmp_path / "q.sock", incoming="tcp:0:4444")
     with pytest.raises(InvalidVmSpec, match="socket"):
         build_argv(spec, "/tmp/" + "x" * 120)
+
+
+# --- disk images: format probe and header checks (images made by qemu-img) ---------------------
+
+def qemu_img(*args: str) -> None:
+    exe = shutil.which("qemu-img")
+    assert exe, "qemu-img is not installed (deploy/install-deps.sh installs qemu-utils)"
+    subprocess.run([exe, *args], check=True, capture_output=True)
+
+
+def test_probe_format_and_image_checks(tmp_path):
+    raw, q2 = tmp_path / "a.img", tmp_path / "b.qcow2"
+    raw.write_bytes(b"\0" * MiB)
+    qemu_img("create", "-f", "qcow2", str(q2), "16M")
+    assert probe_format(raw) == "raw" and probe_format(q2) == "qcow2"
+    check_image(DiskSpec(raw, "raw"))
+    check_image(DiskSpec(q2, "qcow2"))
+    with pytest.raises(QemuError, match="is a qcow2 image but is to be attached as raw"):
+        check_image(DiskSpec(q2, "raw"))
+    with pytest.raises(QemuError, match="not a qcow2 image"):
+        check_image(DiskSpec(raw, "qcow2"))
+    with pytest.raises(QemuError, match="cannot read disk"):
+        probe_format(tmp_path / "missing.img")
+
+
+def test_image_naming_other_files_is_refused(tmp_path):
+    """A qcow2 header can name a backing file or an external data file: host paths chosen by
+    whoever wrote the image (on shared storage, the peer)."""
+    secret = tmp_path / "node.key"
+    secret.write_bytes(b"k" * 4096)
+    backed, data_file = tmp_path / "backed.qcow2", tmp_path / "datafile.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(backed), "16M")
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'}",
+             str(data_file), "16M")
+    with pytest.raises(QemuError, match="backing file"):
+        check_image(DiskSpec(backed, "qcow2"))
+    with pytest.raises(QemuError, match="external data file"):
+        check_image(DiskSpec(data_file, "qcow2"))
 
 
 # --- pure: stream header -----------------------------------------------------------------------
@@ -311,7 +369,7 @@ async def test_lifecycle_events_and_errors(qemu_bin, tmp_path, ramdir, vms):
     need_qemu(qemu_bin)
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\0" * MiB)
-    spec = make_spec("life", ramdir, tmp_path, disks=(disk,))  # no kernel: SeaBIOS only
+    spec = make_spec("life", ramdir, tmp_path, disks=((disk, "raw"),))  # no kernel: SeaBIOS
     vm = await launch(vms, spec, tmp_path)
     assert vm.launched and vm.pid and vm.returncode is None
     assert await vm.status() == "running"
@@ -348,6 +406,38 @@ async def test_lifecycle_events_and_errors(qemu_bin, tmp_path, ramdir, vms):
     assert await vm.quit() == 0
     with pytest.raises(QemuError):
         await vm.status()
+
+
+def open_files(pid: int) -> set[str]:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            out.add(os.readlink(fd))
+    return out
+
+
+@pytest.mark.qemu
+async def test_disks_open_in_their_format_and_without_backing_files(qemu_bin, tmp_path, ramdir,
+                                                                     vms):
+    """query_disks reports what QEMU opened; a qcow2 header's backing file is never opened."""
+    need_qemu(qemu_bin)
+    secret = tmp_path / "node.key"
+    secret.write_bytes(b"k" * 65536)
+    raw, q2, backed = tmp_path / "a.img", tmp_path / "b.qcow2", tmp_path / "c.qcow2"
+    raw.write_bytes(b"\0" * MiB)
+    qemu_img("create", "-f", "qcow2", str(q2), "16M")
+    # Bypasses check_image on purpose: build_argv alone must keep QEMU off the backing file.
+    qemu_img("create", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(backed), "16M")
+    spec = make_spec("disks", ramdir, tmp_path,
+                     disks=((raw, "raw"), (q2, "qcow2"), (backed, "qcow2")))
+    vm = await launch(vms, spec, tmp_path, paused=True)
+    got = sorted(await query_disks(vm), key=lambda d: d.node)
+    assert [(d.path, d.format, d.node) for d in got] == [
+        (str(raw), "raw", "disk0"), (str(q2), "qcow2", "disk1"), (str(backed), "qcow2", "disk2")]
+    nodes = await vm.execute("query-named-block-nodes", {"flat": True})
+    assert str(secret) not in {n["file"] for n in nodes}
+    opened = open_files(vm.pid)
+    assert {str(raw), str(q2), str(backed)} <= opened and str(secret) not in opened
 
 
 @pytest.mark.qemu

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 import tracemalloc
 import typing
@@ -129,6 +130,30 @@ def test_optional_trailing_fields_may_be_omitted():
     # An older peer that does not send the defaulted fields is still understood.
     assert decode_all(raw_frame([m.Welcome.TYPE, 1, "n", 3])) == [m.Welcome(1, "n", 3)]
     assert decode_all(raw_frame([m.Hello.TYPE, 1, "n", "d", []])) == [m.Hello(1, "n", "d", ())]
+
+
+@pytest.mark.parametrize("domain, regions, what", [
+    ("vm", [["ram\x00", 4096, 4096]], "region name 'ram\\x00'"),    # wedged the store before
+    ("vm", [["../../etc", 4096, 4096]], "region name"),
+    ("vm", [[".hidden", 4096, 4096]], "region name"),
+    ("vm", [["", 4096, 4096]], "region name"),
+    ("vm", [["r" * 65, 4096, 4096]], "region name"),
+    ("vm", [["räm", 4096, 4096]], "region name"),
+    ("v\x00m", [], "domain name"),
+    ("a/b", [], "domain name"),
+    ("-vm", [], "domain name"),
+])
+def test_hello_names_restricted(domain, regions, what):
+    with pytest.raises(MalformedFrame, match=re.escape(what)) as info:
+        decode_all(raw_frame([m.Hello.TYPE, 1, "n", domain, regions, b""]))
+    assert isinstance(info.value, ProtocolError) and "not allowed" in str(info.value)
+
+
+def test_hello_names_at_the_limits_accepted():
+    name = "a" + "B9._-" * 12 + "xyz"
+    assert len(name) == 64
+    (hello,) = decode_all(raw_frame([m.Hello.TYPE, 1, "n", name, [[name, 4096, 4096]], b""]))
+    assert hello.domain == name and hello.regions[0].name == name
 
 
 def test_float_field_accepts_int():
@@ -354,9 +379,15 @@ def _value_strategy(tp) -> st.SearchStrategy:
     raise TypeError(tp)
 
 
+# Fields the messages restrict to m.SAFE_NAME (they become file names on the sink).
+NAME_FIELDS = {(m.Hello, "domain"), (m.RegionInfo, "name")}
+_names = st.from_regex(m.SAFE_NAME, fullmatch=True)
+
+
 def _message_strategy(cls) -> st.SearchStrategy:
     hints = typing.get_type_hints(cls)
-    return st.builds(cls, **{f.name: _value_strategy(hints[f.name])
+    return st.builds(cls, **{f.name: _names if (cls, f.name) in NAME_FIELDS
+                             else _value_strategy(hints[f.name])
                              for f in dataclasses.fields(cls)})
 
 
@@ -391,7 +422,9 @@ def _conforms(v, tp) -> bool:
         required = sum(1 for f in fields if f.default is dataclasses.MISSING
                        and f.default_factory is dataclasses.MISSING)
         return (type(v) is list and required <= len(v) <= len(fields)
-                and all(_conforms(x, hints[f.name]) for x, f in zip(v, fields)))
+                and all(_conforms(x, hints[f.name]) for x, f in zip(v, fields))
+                and all(m.SAFE_NAME.fullmatch(x) for x, f in zip(v, fields)
+                        if (tp, f.name) in NAME_FIELDS))
     raise TypeError(tp)
 
 

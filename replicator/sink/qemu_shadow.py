@@ -4,8 +4,10 @@ Its guest RAM is the shadow store's ``ram0.img`` (``memory-backend-file,share=on
 receiver keeps writing while QEMU sits in ``-incoming defer -S``. At switch time it loads the
 device state (``x-ignore-shared``: RAM is already there) and is resumed only on commit.
 
-The VM definition comes from this host's config; fields the config leaves unset may come from
-the source's structured description (validated by :class:`VmSpec`; never a command line).
+The VM definition comes from this host's config: every file QEMU opens is named there (or is
+in the state dir). The source's description only supplies values that name no file (RAM size,
+vCPUs, machine, CPU model) where the config leaves them unset, and is refused where it
+contradicts the config (:mod:`.vmcheck`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
 from ..config import Config
-from ..errors import DomainError, ProtocolError, QemuError
-from ..source.qemu_driver import DESCRIPTION_FIELDS, spec_from_config
+from ..errors import DomainError, QemuError
+from ..source.qemu_driver import spec_from_config
+from ..vmm.disks import check_image
 from ..vmm.qemu import RAM_BACKEND_ID, QemuProcess, VmSpec
+from . import vmcheck
 from .receiver import SinkReceiver
 from .switch import Shadow
 
@@ -29,29 +31,16 @@ log = logging.getLogger(__name__)
 
 
 def parse_description(raw: bytes) -> dict[str, Any]:
-    """Decode the source's VM description, keeping only allow-listed fields."""
-    if not raw:
-        return {}
-    try:
-        desc = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as exc:
-        raise ProtocolError(f"VM description is not valid msgpack: {exc}") from None
-    if not isinstance(desc, dict):
-        raise ProtocolError("VM description must be a map")
-    out: dict[str, Any] = {}
-    for k, v in desc.items():
-        if k not in DESCRIPTION_FIELDS or v is None:
-            continue
-        if k == "disks":
-            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-                raise ProtocolError("VM description: disks must be a list of paths")
-            v = tuple(Path(x) for x in v)
-        elif k in ("kernel", "initrd"):
-            if not isinstance(v, str):
-                raise ProtocolError(f"VM description: {k} must be a path")
-            v = Path(v)
-        out[k] = v
-    return out
+    """Decode and type-check the source's VM description (see :mod:`.vmcheck`)."""
+    return vmcheck.parse_description(raw)
+
+
+def _reachable(path: Path) -> None:
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise DomainError(
+            f"disk {path} is not reachable read-write from this host; until disk "
+            "replication exists, disks must live on storage both hosts reach at the "
+            "same path")
 
 
 class QemuShadow(Shadow):
@@ -65,30 +54,31 @@ class QemuShadow(Shadow):
         self._lock = asyncio.Lock()
 
     def _spec(self, vm_description: bytes) -> VmSpec:
+        """The shadow's VmSpec. Every path comes from this host's config or state dir; from
+        the source's description only values that name no file, each checked against the
+        config (:func:`.vmcheck.peer_values`), and its disk list is compared with ours."""
         q = self.cfg.domain.qemu
         desc = parse_description(vm_description)
-        # This host's config wins for everything it sets explicitly.
-        overrides = {k: v for k, v in desc.items()
-                     if k not in ("kernel", "initrd", "append") or not getattr(q, k)}
         store = self.receiver.store
         if store is None or RAM_BACKEND_ID not in store.regions:
             raise DomainError("the shadow store has no ram0 region yet; wait for replication")
         region = store.regions[RAM_BACKEND_ID]
-        overrides["ram_bytes"] = region.info.size
+        values = vmcheck.peer_values(q, desc, region.info.size)
+        for disk in q.disks:
+            _reachable(disk.path)       # before probing its format: the clearer message
         try:
-            return spec_from_config(self.cfg.domain.name, q, region.path, self.serial_log,
-                                    overrides)
+            spec = spec_from_config(self.cfg.domain.name, q, region.path, self.serial_log,
+                                    values)
         except QemuError as exc:
             raise DomainError(f"cannot describe the shadow VM: {exc}") from None
+        vmcheck.check_disks([(d.path, d.format) for d in spec.disks], desc.get("disks"))
+        return spec
 
     @staticmethod
     def _check_disks(spec: VmSpec) -> None:
         for disk in spec.disks:
-            if not os.access(disk, os.R_OK | os.W_OK):
-                raise DomainError(
-                    f"disk {disk} is not reachable read-write from this host; until disk "
-                    "replication exists, disks must live on storage both hosts reach at the "
-                    "same path")
+            _reachable(disk.path)
+            check_image(disk)           # again, right before QEMU opens it
 
     async def prepare(self, vm_description: bytes) -> None:
         async with self._lock:

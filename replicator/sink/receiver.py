@@ -25,6 +25,7 @@ from ..wire import messages as m
 from ..wire.pages import decode_batch
 from .admission import Admission
 from .store import ShadowStore
+from .vmcheck import check_offer
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +198,12 @@ class SinkReceiver:
         for r in hello.regions:
             if r.page_size != 4096 or r.size <= 0 or r.size % 4096:
                 raise LayoutMismatch(f"region {r.name!r}: unsupported size/page size")
-            if not r.name or "/" in r.name or r.name.startswith("."):
+            if not m.SAFE_NAME.fullmatch(r.name):     # also checked when decoding
                 raise LayoutMismatch(f"region name {r.name!r} is not allowed")
         if len({r.name for r in hello.regions}) != len(hello.regions):
             raise LayoutMismatch("duplicate region names")
+        # Sizes bounded by this sink's config; a QEMU domain's description checked against it.
+        check_offer(self.cfg, hello)
         offered = list(hello.regions)
         existing = (list(self.store._infos) if self.store is not None
                     else ShadowStore.existing_layout(self.root))

@@ -64,8 +64,8 @@ class DomainDriver(abc.ABC):
         """Device state to hand to the shadow (empty for domains without any)."""
         return b""
 
-    def vm_description(self) -> dict | None:
-        """A structured description the sink may use to start the shadow (no command lines)."""
+    async def vm_description(self) -> dict | None:
+        """What the running VM is, for the sink to check its own VM definition against."""
         return None
 
     async def close(self) -> None:

@@ -15,14 +15,18 @@ from typing import Any
 
 from ..config import Config, QemuConfig
 from ..errors import DomainError, QemuError
+from ..vmm.disks import DiskSpec, check_image, probe_format, query_disks
 from ..vmm.qemu import RAM_BACKEND_ID, QemuProcess, VmSpec
 from .driver import DomainDriver, Region
 
 log = logging.getLogger(__name__)
 
-# Fields of VmSpec the sink may take from the source's description (validated there again).
-DESCRIPTION_FIELDS = ("machine", "ram_bytes", "vcpus", "cpu_model", "kernel", "initrd",
-                      "append", "disks", "uuid")
+#: What :meth:`QemuDriver.vm_description` reports about the running VM. The sink checks these
+#: against its own config and takes none of them as a path (see ``sink.vmcheck``).
+DESCRIPTION_FIELDS = ("machine", "ram_bytes", "vcpus", "cpu_model", "uuid", "disks")
+#: VmSpec fields ``spec_from_config`` lets a caller override: none of them names a file.
+OVERRIDABLE = frozenset({"ram_bytes", "vcpus", "machine", "cpu_model", "uuid"})
+DEFAULT_RAM = 512 * 1024**2
 
 
 def resolve_accel(accel: str) -> str:
@@ -41,14 +45,30 @@ def resolve_accel(accel: str) -> str:
     return "kvm"
 
 
+def config_disks(q: QemuConfig) -> tuple[DiskSpec, ...]:
+    """The configured disks with their formats: as configured, or (``auto``) as the file's
+    header shows; each checked to be a self-contained image of that format."""
+    disks = []
+    for d in q.disks:
+        disk = DiskSpec(d.path, probe_format(d.path) if d.format == "auto" else d.format)
+        check_image(disk)
+        disks.append(disk)
+    return tuple(disks)
+
+
 def spec_from_config(name: str, q: QemuConfig, ram_path: Path, serial_log: Path | None,
                      overrides: dict[str, Any] | None = None) -> VmSpec:
+    """The VmSpec of this host's config. ``overrides`` may only set fields that name no file
+    (:data:`OVERRIDABLE`): on a sink, values checked against the source's description."""
     fields: dict[str, Any] = dict(
-        name=name, ram_bytes=q.ram_size, ram_path=ram_path, vcpus=q.vcpus,
-        accel=resolve_accel(q.accel), cpu_model=q.cpu_model or None,
-        kernel=q.kernel, initrd=q.initrd, append=q.append or None, disks=tuple(q.disks),
+        name=name, ram_bytes=q.ram_size or DEFAULT_RAM, ram_path=ram_path, vcpus=q.vcpus or 1,
+        accel=resolve_accel(q.accel), machine=q.machine or "q35", cpu_model=q.cpu_model or None,
+        kernel=q.kernel, initrd=q.initrd, append=q.append or None, disks=config_disks(q),
         serial_log=serial_log)
     if overrides:
+        if not OVERRIDABLE.issuperset(overrides):
+            raise QemuError(f"VmSpec fields {sorted(set(overrides) - OVERRIDABLE)} come only "
+                            "from this host's config")
         fields.update(overrides)
     return VmSpec(**fields)
 
@@ -147,17 +167,32 @@ class QemuDriver(DomainDriver):
         result = await self.proc.save_device_state(self.workdir / "device-state.bin")
         return result.data
 
-    def vm_description(self) -> dict[str, Any]:
-        q = self.cfg.domain.qemu
+    async def vm_description(self) -> dict[str, Any]:
+        """What the running QEMU is, asked from QEMU itself (not from our config): the sink
+        checks its own VM definition against it. Disks carry the format QEMU opened them as."""
+        p = self.proc
+        machine = str(await p.execute("qom-get", {"path": "/machine", "property": "type"}))
+        cpus = await p.execute("query-cpus-fast")
+        cpu_type = str(await p.execute("qom-get", {"path": cpus[0]["qom-path"],
+                                                    "property": "type"}))
+        uuid = (await p.execute("query-uuid")).get("UUID")
         return {
-            "machine": "q35", "ram_bytes": self.ram_size, "vcpus": q.vcpus,
-            "cpu_model": q.cpu_model or None,
-            "kernel": str(q.kernel) if q.kernel else None,
-            "initrd": str(q.initrd) if q.initrd else None,
-            "append": q.append or None,
-            "disks": [str(d) for d in q.disks],
+            "machine": machine.removesuffix("-machine"),
+            "ram_bytes": self.ram_size,
+            "vcpus": len(cpus),
+            "cpu_model": cpu_type.removesuffix(f"-{cpus[0].get('target', 'x86_64')}-cpu"),
+            "uuid": None if not uuid or uuid == "00000000-0000-0000-0000-000000000000" else uuid,
+            "disks": [{"path": d.path, "format": d.format, "node": d.node}
+                      for d in await query_disks(p)],
         }
 
-    async def close(self) -> None:
-        # An attached VM is left as it is; a VM we launched ends with the daemon that owns it.
+    async def close(self, leave_running: bool = False) -> None:
+        """An attached VM is left as it is. A VM we launched ends here, unless
+        ``leave_running`` (the daemon stops or restarts, the VM goes on and is adopted by the
+        next start)."""
+        if leave_running and self.proc.launched:
+            log.info("leaving domain %s running (QEMU pid %s); the next start adopts it",
+                     self.cfg.domain.name, self.proc.pid)
+            await self.proc.detach()
+            return
         await self.proc.close()

@@ -159,7 +159,7 @@ class SourceReplicator:
         hello = m.Hello(
             version=m.PROTOCOL_VERSION, node=self.cfg.node.name, domain=self.cfg.domain.name,
             regions=tuple(m.RegionInfo(r.name, r.size, PAGE_SIZE) for r in self.regions),
-            vm=_pack_vm(self.driver.vm_description()))
+            vm=_pack_vm(await self.driver.vm_description()))
         await link.send(hello)
         reply = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
         if isinstance(reply, m.Reject):

@@ -64,6 +64,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import json
 import os
 import re
 import signal
@@ -80,6 +81,7 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from replicator.errors import QemuError
+from replicator.vmm.disks import DiskSpec, blockdev
 
 __all__ = [
     "QEMU_BINARY",
@@ -88,6 +90,7 @@ __all__ = [
     "InvalidVmSpec",
     "QmpCommandError",
     "MigrationStreamError",
+    "DiskSpec",
     "VmSpec",
     "build_argv",
     "QmpEvent",
@@ -205,10 +208,9 @@ class VmSpec:
     initrd: Path | None = None
     append: str | None = None
     """Kernel command line (needs ``kernel``); passed as one argv element."""
-    disks: tuple[Path, ...] = ()
-    """Disk images, attached as virtio-blk in this order."""
-    disk_format: str = "raw"
-    """``"raw"`` or ``"qcow2"``, for all disks."""
+    disks: tuple[DiskSpec, ...] = ()
+    """Disk images with their formats (a :class:`DiskSpec` or a ``(path, format)`` pair each),
+    attached as virtio-blk in this order. There is no default format: see ``vmm.disks``."""
     serial_log: Path | None = None
     """File receiving the guest's first serial port (``-serial file:``)."""
     machine: str = "q35"
@@ -258,11 +260,16 @@ class VmSpec:
         if self.kernel is None and (self.initrd is not None or self.append is not None):
             fail("kernel", "initrd/append need a kernel")
         if isinstance(self.disks, (str, os.PathLike)):
-            fail("disks", "must be a sequence of paths, not a single path")
-        disks = tuple(as_path(f"disks[{i}]", d, optional=False) for i, d in enumerate(self.disks))
-        object.__setattr__(self, "disks", disks)
-        if self.disk_format not in ("raw", "qcow2"):
-            fail("disk_format", f"{self.disk_format!r} must be 'raw' or 'qcow2'")
+            fail("disks", "must be a sequence of disks, not a single path")
+        disks = []
+        for i, d in enumerate(self.disks):
+            if isinstance(d, (str, os.PathLike)):
+                fail(f"disks[{i}]", f"{str(d)!r} has no format; give DiskSpec(path, format)")
+            try:
+                disks.append(d if isinstance(d, DiskSpec) else DiskSpec(*d))
+            except (QemuError, TypeError) as exc:
+                fail(f"disks[{i}]", str(exc))
+        object.__setattr__(self, "disks", tuple(disks))
         object.__setattr__(self, "serial_log", as_path("serial_log", self.serial_log, optional=True))
         if not isinstance(self.machine, str) or not _TOKEN_RE.match(self.machine):
             fail("machine", f"{self.machine!r} must be a plain machine type name")
@@ -331,7 +338,10 @@ def build_argv(
     if spec.append is not None:
         argv += ["-append", spec.append]
     for i, disk in enumerate(spec.disks):
-        argv += ["-drive", f"file={_opt(disk)},format={spec.disk_format},if=virtio,id=disk{i}"]
+        # JSON -blockdev: the file name goes in verbatim, the format is explicit, and a qcow2
+        # image's header cannot name a backing file for QEMU to open.
+        argv += ["-blockdev", json.dumps(blockdev(disk, f"disk{i}"), separators=(",", ":")),
+                 "-device", f"virtio-blk-pci,drive=disk{i},id=disk{i}-dev"]
     if spec.serial_log is not None:
         # The legacy "file:" form takes the rest of the string verbatim as the path.
         argv += ["-serial", f"file:{spec.serial_log}"]

@@ -19,10 +19,23 @@ Conversation (source connects, sink listens; TLS 1.3 with pinned IDs, see ``iden
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..errors import MalformedFrame
+
 PROTOCOL_VERSION = 1
+
+#: Domain and region names (they become file names on the sink): 1-64 of letters, digits and
+#: ``._-``, not starting with ``._-``. Config validation uses the same rule.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _check_name(what: str, value: object) -> None:
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+        raise MalformedFrame(f"{what} {value!r} is not allowed (1-64 letters, digits, '.', '_', "
+                             "'-', not starting with '.', '_' or '-')")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +45,9 @@ class RegionInfo:
     size: int
     page_size: int = 4096
 
+    def __post_init__(self) -> None:
+        _check_name("region name", self.name)
+
 
 @dataclass(frozen=True, slots=True)
 class Hello:
@@ -40,7 +56,10 @@ class Hello:
     node: str
     domain: str
     regions: tuple[RegionInfo, ...]
-    vm: bytes = b""          # optional msgpack'd VM description for the shadow (switch issue)
+    vm: bytes = b""          # msgpack'd VM description: the sink checks it, never trusts it
+
+    def __post_init__(self) -> None:
+        _check_name("domain name", self.domain)
 
 
 @dataclass(frozen=True, slots=True)
