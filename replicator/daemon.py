@@ -134,6 +134,7 @@ class SourceNode:
             "in_sync": snap.in_sync,
             "sent_bytes": {"raw": rep.ledger.raw_sent, "wire": rep.ledger.wire_sent},
             "handed_over": self.switcher.handed_over,
+            "qemu_pid": getattr(getattr(self.driver, "proc", None), "pid", None),
             "replication_paused": self._paused,
             "switch": (self.switcher.current.to_dict() if self.switcher.current else None),
             "last_switch": (self.switcher.last.to_dict() if self.switcher.last else None),
@@ -189,7 +190,9 @@ class SourceNode:
             self._task.cancel()
         return report.to_dict()
 
-    async def stop(self) -> None:
+    async def stop(self, leave_domain_running: bool = False) -> None:
+        """Stop replicating. ``leave_domain_running``: a VM this daemon launched goes on (a
+        service stop or restart must not power off the user's VM; the next start adopts it)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -197,7 +200,10 @@ class SourceNode:
         if self.rep is not None:
             await self.rep.close()
         if self.driver is not None:
-            await self.driver.close()
+            if leave_domain_running and hasattr(self.driver, "proc"):
+                await self.driver.close(leave_running=True)
+            else:
+                await self.driver.close()
 
 
 class SinkNode:
@@ -301,7 +307,8 @@ class SinkNode:
     async def switch(self, mode: str) -> dict:
         raise ReplicatorError("switches are started on the source (the host running the VM)")
 
-    async def stop(self) -> None:
+    async def stop(self, leave_domain_running: bool = False) -> None:
+        # A shadow that runs the domain always outlives the daemon (QemuShadow.close).
         task = getattr(self, "_prestart", None)
         if task is not None:
             task.cancel()
@@ -380,7 +387,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
         sd_notify("STOPPING=1")
         log.info("stopping")
         await runner.cleanup()
-        await node.stop()
+        await node.stop(leave_domain_running=True)
 
 
 __all__ = ["SourceNode", "SinkNode", "make_node", "serve", "sd_notify", "HandedOver"]

@@ -487,3 +487,29 @@ async def test_link_recv_limit_applies_to_one_frame():
     finally:
         server.close()
     assert got == [m.PrecopyData(1, b"x" * 1000), "refused"], got
+
+
+async def test_every_tls_client_completes_its_handshake_with_a_real_daemon(shm_dir):
+    """A client sends its ClientHello at once. If the sink reads those bytes into a plaintext
+    buffer before starting TLS on the connection, the handshake hangs until the deadline (under
+    uvloop, which the daemon runs on: every time). Real daemon, real TLS clients, in a row."""
+    import ssl
+    port = free_port()
+    source_id, _ = pair_ids(shm_dir / "source", shm_dir / "sink")
+    sinkd = SinkDaemon(shm_dir, sink_table(shm_dir, port, source_id))
+    sinkd.start()
+    try:
+        await sinkd.wait_api()
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        done = 0
+        for _ in range(10):
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port, ssl=ctx), 10)
+            assert writer.get_extra_info("ssl_object") is not None
+            done += 1
+            writer.close()
+        assert done == 10
+    finally:
+        sinkd.stop()

@@ -9,6 +9,7 @@ written; any malformed or hostile frame drops the connection without touching th
 from __future__ import annotations
 
 import asyncio
+import socket
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -60,7 +61,10 @@ class SinkReceiver:
         self.precopy_handler: SwitchHandler | None = None
         self.stream_kind = ""                    # "scan" or "precopy", once the source says
         self.connected = asyncio.Event()
-        self._server: asyncio.base_events.Server | None = None
+        self._lsock: socket.socket | None = None
+        self._accept_task: asyncio.Task | None = None
+        self._conn_tasks: set[asyncio.Task] = set()
+        self._active: asyncio.Task | None = None      # the paired source's session
         self._busy = asyncio.Lock()
         self.identity = identity_for(cfg)
         self._pinned = pinned_peer(cfg) if self.identity is not None else ""
@@ -72,20 +76,44 @@ class SinkReceiver:
 
     async def start(self) -> tuple[str, int]:
         host, port = parse_address(self.cfg.peer.listen, key="peer.listen")
-        # TLS starts in _authenticated, after the admission caps: a stranger beyond them costs
-        # no TLS session. Its reader buffers little until it has authenticated.
-        self._server = await asyncio.start_server(self._handle, host, port,
-                                                  limit=PRE_AUTH_READ_LIMIT)
-        sock = self._server.sockets[0].getsockname()
+        # Our own accept loop: admission runs on the bare socket, and TLS is set up on it with
+        # nothing read yet (see _authenticated). A stranger beyond the caps costs no TLS.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._lsock = socket.create_server((host, port), family=family, backlog=256)
+        self._lsock.setblocking(False)
+        self._accept_task = asyncio.create_task(self._accept_loop(), name="accept")
+        sock = self._lsock.getsockname()
         log.info("sink listening on %s:%d for domain %s", sock[0], sock[1], self.cfg.domain.name)
         return sock[0], sock[1]
 
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._lsock is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._lsock)
+            except OSError as exc:
+                # EMFILE and friends: back off instead of spinning; pending ones time out.
+                log.warning("accepting a connection failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._handle(conn), name="connection")
+            self._conn_tasks.add(task)
+            task.add_done_callback(self._conn_tasks.discard)
+
     async def stop(self) -> None:
         self.admission.close()
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._accept_task
+            self._accept_task = None
+        if self._lsock is not None:
+            self._lsock.close()
+            self._lsock = None
+        for task in list(self._conn_tasks):
+            if task is not self._session_task():
+                task.cancel()
         if self.link is not None:
             await self.link.close()
         async with self._busy:
@@ -94,20 +122,35 @@ class SinkReceiver:
             self.store.close(clean=True)
             self.store = None
 
-    async def _authenticated(self, reader: asyncio.StreamReader,
-                             writer: asyncio.StreamWriter) -> Link | None:
+    def _session_task(self) -> asyncio.Task | None:
+        return self._active
+
+    async def _authenticated(self, conn: socket.socket) -> Link | None:
         """The connection once it is TLS and proved the paired source's ID, within
         peer.handshake_timeout and under the admission caps; None once refused and closed."""
-        peername = writer.get_extra_info("peername")
+        try:
+            peername = conn.getpeername()
+        except OSError:
+            conn.close()
+            return None
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         pending = self.admission.admit(peername, peer)
         timeout = self.cfg.peer.handshake_timeout
         tls_done = self._ssl is None
+        loop = asyncio.get_running_loop()
+        writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(timeout):
-                if self._ssl is not None:
-                    await writer.start_tls(self._ssl, ssl_handshake_timeout=timeout + 1)
-                    tls_done = True
+                # Nothing has read the socket: the client's first bytes (its ClientHello) wait
+                # in the kernel for the TLS layer. Reading them into a plaintext reader first
+                # and then calling start_tls loses them: the handshake hangs (uvloop: always).
+                reader = asyncio.StreamReader(limit=PRE_AUTH_READ_LIMIT, loop=loop)
+                protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol, sock=conn, ssl=self._ssl,
+                    ssl_handshake_timeout=(timeout + 1) if self._ssl is not None else None)
+                writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+                tls_done = True
                 link = Link(reader, writer, self.cfg.stream.max_frame_bytes)
                 if self.identity is not None:
                     await authenticate_client(link, self.identity, self._pinned, timeout)
@@ -120,7 +163,7 @@ class SinkReceiver:
             # Not re-raised: asyncio (3.11) logs a cancelled connection handler as an error.
             asyncio.current_task().uncancel()
             if pending.evicted is None:
-                _abort(writer)
+                _abort(writer, conn)
                 return None
             reason, text = pending.evicted
         except Exception as exc:                     # whatever a stranger causes is a refusal
@@ -132,11 +175,11 @@ class SinkReceiver:
             self.metrics.frames_rejected.inc()
             if not self.connected.is_set():          # the paired source's state wins
                 self.last_error = line
-        _abort(writer)
+        _abort(writer, conn)
         return None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = await self._authenticated(reader, writer)
+    async def _handle(self, conn: socket.socket) -> None:
+        link = await self._authenticated(conn)
         if link is None:
             return
         if self._busy.locked():
@@ -151,6 +194,7 @@ class SinkReceiver:
                 return
             self._busy.release()
         async with self._busy:
+            self._active = asyncio.current_task()
             try:
                 await self._session(link)
             except (PeerError, asyncio.TimeoutError) as exc:
@@ -185,6 +229,7 @@ class SinkReceiver:
                     with contextlib.suppress(Exception):
                         await self.disconnect_handler()
                 self.link = None
+                self._active = None
                 self.connected.clear()
                 self.metrics.peer_connected.set(0)
                 await link.close()
@@ -293,10 +338,12 @@ class SinkReceiver:
         return self.store.write_batch(batch.region, batch.epoch, decoded)
 
 
-def _abort(writer: asyncio.StreamWriter) -> None:
+def _abort(writer: asyncio.StreamWriter | None, conn: socket.socket) -> None:
     with contextlib.suppress(Exception):
-        if writer.transport is not None:
+        if writer is not None and writer.transport is not None:
             writer.transport.abort()
+            return
+        conn.close()
 
 
 async def _reject(link: Link, reason: str) -> None:

@@ -84,6 +84,9 @@ class SourceReplicator:
         self._ping_sent: dict[int, float] = {}
         self.rtt = 0.0
         self.sessions = 0
+        # Set while the domain is paused waiting for the sink's word (an ambiguous commit):
+        # reconnect at the base delay, without backing off, since every second is downtime.
+        self.urgent = False
         self.metrics.ram_bytes.set(sum(r.size for r in regions))
 
     # --- connection management -----------------------------------------------------------------
@@ -107,7 +110,7 @@ class SourceReplicator:
                 self.last_error = f"cannot reach sink at {self.cfg.peer.address}: {reason}"
                 log.warning("%s; retrying in %.1fs", self.last_error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = self._backoff(delay)
                 continue
             if not first:
                 self.metrics.reconnects.inc()
@@ -118,22 +121,27 @@ class SourceReplicator:
             except PeerRejected as exc:
                 self.last_error = str(exc)
                 log.error("sink refused us: %s", exc)
-                await asyncio.sleep(max(delay, 5.0))
+                await asyncio.sleep(delay if self.urgent else max(delay, 5.0))
             except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.warning("replication link: %s; reconnecting in %.1fs", self.last_error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = self._backoff(delay)
             except Exception as exc:
                 # A bug must not end replication for good: log it loudly, then start over.
                 self.last_error = f"internal error: {exc!r}"
                 log.exception("replication session failed unexpectedly; reconnecting")
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = self._backoff(delay)
             else:
                 delay = self.cfg.stream.reconnect_delay
             finally:
                 await self._end_session(link)
+
+    def _backoff(self, delay: float) -> float:
+        if self.urgent:
+            return self.cfg.stream.reconnect_delay
+        return min(delay * 2, 10.0)
 
     async def _end_session(self, link: Link) -> None:
         self.connected.clear()

@@ -82,6 +82,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from replicator.errors import QemuError
 from replicator.vmm.disks import DiskSpec, blockdev
+from replicator.vmm.launch_record import LaunchRecord
 
 __all__ = [
     "QEMU_BINARY",
@@ -557,8 +558,10 @@ class QemuProcess:
         self._events: deque[QmpEvent] = deque(maxlen=512)
         self._last: dict[str, QmpEvent] = {}
         self._waiters: list[tuple[str, Callable[[QmpEvent], bool] | None, asyncio.Future[QmpEvent]]] = []
-        self._stderr_tail = bytearray()
-        self._stderr_task: asyncio.Task[None] | None = None
+        self._stderr_log: Path | None = None
+        self._stderr_start = 0
+        self._record_path: Path | None = None
+        self.adopted = False
         self._incoming_files = 0
         self._save_prepared = False
         self._load_prepared: dict[str, bool] | None = None
@@ -588,25 +591,79 @@ class QemuProcess:
         qmp_socket = workdir / f"{spec.name}.qmp"
         argv = build_argv(spec, qmp_socket, incoming=incoming, paused=paused)
         _clear_stale_socket(qmp_socket)
+        stderr_log = workdir / f"{spec.name}.stderr.log"
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            # stderr goes straight to a file, not a pipe: QEMU must outlive a crashed daemon
+            # (systemd KillMode=process) without writing into a pipe nobody reads.
+            with open(stderr_log, "ab") as err:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=err,
+                    start_new_session=True,
+                )
         except OSError as exc:
             raise QemuError(f"cannot start {spec.qemu_binary}: {exc}") from exc
         self = cls(qmp_socket=qmp_socket, spec=spec, workdir=workdir, proc=proc, pid=proc.pid,
                    origin=_Origin.LAUNCHED)
-        self._stderr_task = asyncio.create_task(
-            self._drain_stderr(workdir / f"{spec.name}.stderr.log"), name=f"qemu-stderr-{spec.name}"
-        )
+        self._stderr_log = stderr_log
+        self._stderr_start = stderr_log.stat().st_size if stderr_log.exists() else 0
         try:
             await self._connect_launched(connect_timeout)
         except BaseException:
             await self._abort_launch()
             raise
+        self._record_path = LaunchRecord.path_for(workdir, spec.name)
+        LaunchRecord.for_process(proc.pid, qmp_socket, argv).save(self._record_path)
+        return self
+
+    @classmethod
+    async def adopt(
+        cls,
+        name: str,
+        workdir: str | os.PathLike[str],
+        *,
+        spec: VmSpec | None = None,
+        incoming: str | None = None,
+        paused: bool = False,
+        timeout: float = 10.0,
+    ) -> QemuProcess | None:
+        """Reconnect to the QEMU ``name`` an earlier run of this daemon launched in ``workdir``,
+        if it still runs; ``None`` when there is none (a stale record is removed).
+
+        The process must be the recorded one (same boot, pid, start time, command line). With
+        ``spec``, its command line must also be what :meth:`launch` would run now; a QEMU of an
+        earlier run with another command line (the config changed while it ran) is refused
+        with :class:`QemuError`, never killed: it may be the user's running VM. The adopted
+        process counts as launched by us (:meth:`close` ends it).
+        """
+        workdir = Path(workdir)
+        record_path = LaunchRecord.path_for(workdir, name)
+        record = LaunchRecord.load(record_path)
+        if record is None or not record.alive():
+            if record is not None:
+                LaunchRecord.clear(record_path)
+            return None
+        if spec is not None:
+            want = build_argv(spec, workdir / f"{name}.qmp", incoming=incoming, paused=paused)
+            if list(record.argv) != want:
+                raise QemuError(
+                    f"QEMU pid {record.pid}, started by an earlier run for {name!r}, still runs "
+                    f"with another command line than the config gives now; stop it or restore "
+                    f"the config (recorded: {' '.join(record.argv)})")
+        self = cls(qmp_socket=Path(record.qmp_socket), spec=spec, workdir=workdir, proc=None,
+                   pid=record.pid, origin=_Origin.LAUNCHED)
+        self._stderr_log = workdir / f"{name}.stderr.log"
+        self._stderr_start = self._stderr_log.stat().st_size if self._stderr_log.exists() else 0
+        self._record_path = record_path
+        self.adopted = True
+        try:
+            await asyncio.wait_for(self._qmp.connect(str(self.qmp_socket)), timeout)
+        except (QMPError, OSError, asyncio.TimeoutError) as exc:
+            await self._disconnect_quietly()
+            raise QemuError(f"cannot reconnect to QEMU pid {record.pid} at {self.qmp_socket}: "
+                            f"{exc or type(exc).__name__}") from None
         return self
 
     @classmethod
@@ -697,7 +754,16 @@ class QemuProcess:
 
     def stderr_tail(self) -> str:
         """The last ~16 KiB QEMU wrote to stderr (launched QEMUs only)."""
-        return self._stderr_tail.decode("utf-8", "replace")
+        if self._stderr_log is None:
+            return ""
+        try:
+            with open(self._stderr_log, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                start = max(self._stderr_start, size - _STDERR_TAIL)
+                f.seek(start)
+                return f.read(size - start).decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def _alive(self) -> bool:
         if self._proc is not None:
@@ -736,7 +802,13 @@ class QemuProcess:
                 os.kill(self._pid, signal.SIGKILL)
         rc = await self.wait_exit(timeout=30)
         await self._disconnect_quietly()
+        self._forget_record()
         return rc
+
+    def _forget_record(self) -> None:
+        """QEMU is gone: its launch record must not make a later run adopt a recycled pid."""
+        if self._record_path is not None and not self._alive():
+            LaunchRecord.clear(self._record_path)
 
     async def quit(self, timeout: float = 10.0) -> int | None:
         """Ask QEMU to exit (QMP ``quit``), wait for it; kill it if it does not exit in time."""
@@ -749,9 +821,11 @@ class QemuProcess:
         if self._pid is None:
             return None
         try:
-            return await self.wait_exit(timeout)
+            rc = await self.wait_exit(timeout)
         except QemuError:
             return await self.kill()
+        self._forget_record()
+        return rc
 
     async def close(self) -> None:
         """Disconnect QMP; kill QEMU if we launched it and it still runs. Idempotent."""
@@ -763,14 +837,21 @@ class QemuProcess:
                 await self.kill()
         finally:
             await self._disconnect_quietly()
-            if self._stderr_task is not None and self._proc is not None and self._proc.returncode is None:
-                self._stderr_task.cancel()
-            if self._stderr_task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._stderr_task
+            self._forget_record()
             for _, _, fut in self._waiters:
                 if not fut.done():
                     fut.cancel()
+
+    async def detach(self) -> None:
+        """Disconnect QMP and leave QEMU running (its launch record stays, so the next run of
+        the daemon adopts it). For a daemon that stops while its VM must go on."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._disconnect_quietly()
+        for _, _, fut in self._waiters:
+            if not fut.done():
+                fut.cancel()
 
     async def __aenter__(self) -> QemuProcess:
         return self
@@ -1185,33 +1266,13 @@ class QemuProcess:
 
     # -- internals ----------------------------------------------------------------------------
 
-    async def _drain_stderr(self, log_path: Path) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        try:
-            log = log_path.open("ab")
-        except OSError:
-            log = None
-        try:
-            while chunk := await self._proc.stderr.read(4096):
-                self._stderr_tail += chunk
-                del self._stderr_tail[:-_STDERR_TAIL]
-                if log is not None:
-                    log.write(chunk)
-                    log.flush()
-        finally:
-            if log is not None:
-                log.close()
-
     async def _stderr_settled(self, grace: float = 0.5) -> None:
-        """Give the stderr reader a moment to catch up (QEMU writes the reason, then exits)."""
-        task = self._stderr_task
-        if task is None or task.done():
-            return
-        if self._proc is not None and self._proc.returncode is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
-                await asyncio.wait_for(asyncio.shield(task), grace)
+        """Give an exiting QEMU a moment to finish writing its reason to the stderr file."""
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._proc.wait()), min(grace, 0.05))
         else:
-            await asyncio.sleep(min(grace, 0.05))
+            await asyncio.sleep(0)
 
     def _stderr_suffix(self) -> str:
         tail = self.stderr_tail().strip()
