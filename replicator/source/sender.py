@@ -84,9 +84,8 @@ class SourceReplicator:
         self._ping_sent: dict[int, float] = {}
         self.rtt = 0.0
         self.sessions = 0
-        # Set while the domain is paused waiting for the sink's word (an ambiguous commit):
-        # reconnect at the base delay, without backing off, since every second is downtime.
-        self.urgent = False
+        self._urgent = False
+        self._retry_now = asyncio.Event()
         self.metrics.ram_bytes.set(sum(r.size for r in regions))
 
     # --- connection management -----------------------------------------------------------------
@@ -100,7 +99,8 @@ class SourceReplicator:
 
     async def run(self) -> None:
         """Keep replicating until cancelled; reconnects after any link or peer failure."""
-        delay = self.cfg.stream.reconnect_delay
+        base = self.cfg.stream.reconnect_delay
+        delay = base
         first = True
         while True:
             try:
@@ -109,39 +109,62 @@ class SourceReplicator:
                 reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
                 self.last_error = f"cannot reach sink at {self.cfg.peer.address}: {reason}"
                 log.warning("%s; retrying in %.1fs", self.last_error, delay)
-                await asyncio.sleep(delay)
+                await self._wait_retry(delay)
                 delay = self._backoff(delay)
                 continue
             if not first:
                 self.metrics.reconnects.inc()
             first = False
             link = Link(reader, writer, self.cfg.stream.max_frame_bytes, self.limiter)
+            sessions = self.sessions
+            wait = 0.0
             try:
                 await self._session(link)
             except PeerRejected as exc:
                 self.last_error = str(exc)
                 log.error("sink refused us: %s", exc)
-                await asyncio.sleep(delay if self.urgent else max(delay, 5.0))
+                wait = max(delay, 5.0)
             except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.warning("replication link: %s; reconnecting in %.1fs", self.last_error, delay)
-                await asyncio.sleep(delay)
-                delay = self._backoff(delay)
+                wait = delay
             except Exception as exc:
                 # A bug must not end replication for good: log it loudly, then start over.
                 self.last_error = f"internal error: {exc!r}"
                 log.exception("replication session failed unexpectedly; reconnecting")
-                await asyncio.sleep(delay)
-                delay = self._backoff(delay)
-            else:
-                delay = self.cfg.stream.reconnect_delay
+                wait = delay
             finally:
+                # End the session *before* waiting: whoever waits on it (a switch) must learn
+                # at once that the link is gone.
                 await self._end_session(link)
+            # A session that got through the handshake was a working link: back-off restarts.
+            delay = base if self.sessions != sessions else self._backoff(delay)
+            await self._wait_retry(wait)
 
     def _backoff(self, delay: float) -> float:
         if self.urgent:
             return self.cfg.stream.reconnect_delay
         return min(delay * 2, 10.0)
+
+    async def _wait_retry(self, seconds: float) -> None:
+        """Sleep before reconnecting; cut short when the domain starts waiting (urgent)."""
+        if self.urgent:
+            seconds = min(seconds, self.cfg.stream.reconnect_delay)
+        self._retry_now.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._retry_now.wait(), seconds)
+
+    @property
+    def urgent(self) -> bool:
+        """Set while the domain is paused waiting for the sink's word (an ambiguous commit):
+        reconnect at the base delay, without backing off, since every second is downtime."""
+        return self._urgent
+
+    @urgent.setter
+    def urgent(self, value: bool) -> None:
+        self._urgent = value
+        if value:
+            self._retry_now.set()
 
     async def _end_session(self, link: Link) -> None:
         self.connected.clear()
