@@ -111,3 +111,46 @@ async def test_format_disagreement_refused(shm_dir, guest):
         assert sink.switch_handler.shadow.proc is None
     finally:
         await stop_nodes(source, sink)
+
+
+async def test_shadow_refuses_a_file_its_header_named_after_the_check(shm_dir, guest,
+                                                                      monkeypatch):
+    """QEMU re-reads a qcow2 header itself. If a peer rewrote the shared image between our
+    header check and the launch to name an external data file (here: simulated by skipping the
+    check), the shadow must see the extra file QEMU opened and refuse, with no QEMU left."""
+    from replicator.sink.qemu_shadow import QemuShadow
+    from replicator.sink.receiver import SinkReceiver
+    from replicator.sink.store import ShadowStore
+    from replicator.wire.messages import RegionInfo
+    from replicator.errors import DomainError
+    from replicator.vmm.qemu import RAM_BACKEND_ID
+
+    from replicator.vmm.qemu import QemuProcess
+
+    secret = shm_dir / "secret.raw"
+    secret.write_bytes(b"\0" * (1 << 20))
+    disk = shm_dir / "work.qcow2"
+    qemu_img("create", "-f", "qcow2", str(disk), "1M").check_returncode()
+    hostile = shm_dir / "hostile.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={secret},data_file_raw=on",
+             str(hostile), "1M").check_returncode()
+    cfg = sink_config(shm_dir, guest, [{"path": str(disk), "format": "qcow2"}])
+    rec = SinkReceiver(cfg)
+    ram = cfg.domain.qemu.ram_size
+    rec.store = ShadowStore.open(rec.root, [RegionInfo(RAM_BACKEND_ID, ram, 4096)])
+    shadow = QemuShadow(cfg, rec)
+    real_launch = QemuProcess.launch
+
+    async def racing_launch(*args, **kw):
+        hostile.replace(disk)          # the header changes after every check of ours
+        return await real_launch(*args, **kw)
+    monkeypatch.setattr(QemuProcess, "launch", racing_launch)
+    try:
+        with pytest.raises(DomainError, match="secret.raw"):
+            await shadow.prepare(b"")
+        assert shadow.proc is None
+        assert not list(rec.root.glob("*.launch.json")), "a refused shadow QEMU was left"
+    finally:
+        if shadow.proc is not None:
+            await shadow.proc.kill()
+        rec.store.close()

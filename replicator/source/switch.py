@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from ..config import PAGE_SIZE
 from ..errors import HandedOver, PeerError, ReplicatorError, SwitchError, SwitchInProgress
+from ..durable import atomic_write
 from ..faults import checkpoint
 from ..wire import messages as m
 from .converge import Deadlines, Throttle, deadlines
@@ -101,17 +101,7 @@ class HandoverState:
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write(self.path, json.dumps(state))
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -307,7 +297,11 @@ class Switcher:
                 report.catchup_rounds += 1
                 snap = rep.ledger.snapshot()
                 link = self._link_rate()
-                predicted = snap.round_seconds + rnd.pages * PAGE_SIZE * snap.wire_ratio / link
+                # The next round finds what the guest dirtied since this one scanned, which a
+                # round behind a backlog (its pages counted once, sent late) understates.
+                since = time.monotonic() - rnd.started
+                behind = max(rnd.pages * PAGE_SIZE, snap.dirty_rate * since)
+                predicted = snap.round_seconds + behind * snap.wire_ratio / link
                 log.info("switch %s: catch-up round %d found %d pages; predicted final "
                          "delta %.1f ms", report.switch_id, report.catchup_rounds,
                          rnd.pages, predicted * 1000)
