@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 GUEST   ?= build/guest
 STAMP   := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench bench-quick compare compare-quick deps venv guest clean
+.PHONY: test test-fast demo bench bench-quick compare compare-quick busy deps venv guest clean
 
 $(STAMP): pyproject.toml
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null \
@@ -50,6 +50,9 @@ compare: $(STAMP) guest
 
 compare-quick: $(STAMP) guest
 	$(BIN)/python -m bench.compare --quick
+
+busy: $(STAMP) guest           # root: a guest dirtying 0.5x, 1x, 3x the link; ~5 min
+	$(BIN)/python -m bench.busy --out bench/RESULTS-busy.md
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
