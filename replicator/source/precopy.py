@@ -318,7 +318,10 @@ class PrecopyReplicator(SourceReplicator):
                 buffered = self.link.writer.transport.get_write_buffer_size()
             lag = int(ram.get("remaining") or 0) + buffered
             self._last_lag = lag
-            in_sync = lag == 0 and stale <= 1.0
+            # As for the scan tracker: in sync when what QEMU found dirty is with the shadow
+            # within a second (QEMU had no backlog that recently); a guest that keeps
+            # dirtying memory always leaves some bytes in QEMU's queue.
+            in_sync = stale <= 1.0
         else:
             # No live migration: what QEMU last reported is void. Not zero: estimate.
             ram_bytes = sum(r.size for r in self.regions)
