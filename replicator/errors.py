@@ -73,6 +73,10 @@ class QemuError(DomainError):
     """QEMU failed to start, answered QMP with an error, or exited."""
 
 
+class NbdError(QemuError):
+    """An NBD server (QEMU, qemu-nbd) refused us or broke the protocol, or the link to it failed."""
+
+
 class StoreError(ReplicatorError):
     """The shadow store could not read or write its files (e.g. disk full)."""
 
