@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .control.client import request as _request
 from .errors import ReplicatorError
 
 DEFAULT_CONFIG = "/etc/replicator/replicator.toml"
@@ -49,25 +50,6 @@ def _api_target(args: argparse.Namespace) -> tuple[str, str | None]:
     except OSError:
         pass
     return url, token
-
-
-async def _request(method: str, url: str, path: str, token: str | None = None,
-                   body: dict | None = None, timeout: float = 600) -> tuple[int, Any]:
-    import aiohttp
-    connector = None
-    base = url
-    if url.startswith("unix:"):
-        connector = aiohttp.UnixConnector(path=url[5:])
-        base = "http://localhost"
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-        async with s.request(method, base + path, json=body, headers=headers) as r:
-            try:
-                data = await r.json(content_type=None)
-            except ValueError:
-                data = {"error": await r.text()}
-            return r.status, data
 
 
 def _human_bytes(n: float) -> str:

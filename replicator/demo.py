@@ -105,7 +105,7 @@ class Daemon:
 
     async def request(self, method: str, path: str, body: dict | None = None,
                       timeout: float = 600) -> tuple[int, Any]:
-        from .cli import _request
+        from .control.client import request as _request
         return await _request(method, self.url, path, self.token, body, timeout)
 
     def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""Tests of replicator.source.precopy_stream: the sans-I/O precopy stream parser and editor.
+"""Tests of replicator.vmm.migration_stream: the sans-I/O precopy stream parser and editor.
 
 Three kinds of input:
 
@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator.errors import ProtocolError
-from replicator.source.precopy_stream import (
+from replicator.vmm.migration_stream import (
     Command,
     DeviceStateBegin,
     Header,

@@ -25,7 +25,7 @@ import xxhash
 
 from ..errors import DomainError, ProtocolError
 from ..link import Link
-from ..source.precopy_stream import DeviceStateBegin, PageKind, PageRecord, PrecopyParser
+from ..vmm.migration_stream import DeviceStateBegin, PageKind, PageRecord, PrecopyParser
 from ..vmm.qemu import RAM_BACKEND_ID
 from ..wire import messages as m
 from ..wire.pages import ZERO_HASH

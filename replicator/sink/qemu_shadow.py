@@ -20,7 +20,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import DomainError, QemuError
-from ..source.qemu_driver import spec_from_config
+from ..vmm.spec import spec_from_config
 from ..vmm.disks import check_image
 from ..vmm.qemu import RAM_BACKEND_ID, QemuProcess, VmSpec
 from . import vmcheck

@@ -42,7 +42,7 @@ from ..wire.pages import ZERO_HASH
 from ..vmm.qemu import RAM_BACKEND_ID, QmpEvent
 from .converge import Deadlines, Throttle
 from .driver import Region
-from .precopy_stream import PageKind, PageRecord, PrecopyEditor, RamEos
+from ..vmm.migration_stream import PageKind, PageRecord, PrecopyEditor, RamEos
 from .sender import SourceReplicator
 from .switch import Switcher, SwitchReport, _Progress
 from .ledger import LagSnapshot

@@ -9,69 +9,17 @@ device state moves by a migration with ``x-ignore-shared`` that skips it.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, QemuConfig
+from ..config import Config
 from ..errors import DomainError, QemuError
-from ..vmm.disks import DiskSpec, check_image, probe_format, query_disks
-from ..vmm.qemu import RAM_BACKEND_ID, QemuProcess, VmSpec
+from ..vmm.disks import query_disks
+from ..vmm.qemu import RAM_BACKEND_ID, QemuProcess
+from ..vmm.spec import spec_from_config
 from .driver import DomainDriver, Region
 
 log = logging.getLogger(__name__)
-
-#: What :meth:`QemuDriver.vm_description` reports about the running VM. The sink checks these
-#: against its own config and takes none of them as a path (see ``sink.vmcheck``).
-DESCRIPTION_FIELDS = ("machine", "ram_bytes", "vcpus", "cpu_model", "uuid", "disks")
-#: VmSpec fields ``spec_from_config`` lets a caller override: none of them names a file.
-OVERRIDABLE = frozenset({"ram_bytes", "vcpus", "machine", "cpu_model", "uuid"})
-DEFAULT_RAM = 512 * 1024**2
-
-
-def resolve_accel(accel: str) -> str:
-    """``auto`` means KVM when /dev/kvm opens read-write; the config can force ``tcg``.
-
-    ``query-kvm`` alone is not trusted: on nested hosts KVM opens and reports enabled while
-    guests die with emulation failures, so such hosts must say ``accel = "tcg"``.
-    """
-    if accel != "auto":
-        return accel
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return "tcg"
-    os.close(fd)
-    return "kvm"
-
-
-def config_disks(q: QemuConfig) -> tuple[DiskSpec, ...]:
-    """The configured disks with their formats: as configured, or (``auto``) as the file's
-    header shows; each checked to be a self-contained image of that format."""
-    disks = []
-    for d in q.disks:
-        disk = DiskSpec(d.path, probe_format(d.path) if d.format == "auto" else d.format)
-        check_image(disk)
-        disks.append(disk)
-    return tuple(disks)
-
-
-def spec_from_config(name: str, q: QemuConfig, ram_path: Path, serial_log: Path | None,
-                     overrides: dict[str, Any] | None = None) -> VmSpec:
-    """The VmSpec of this host's config. ``overrides`` may only set fields that name no file
-    (:data:`OVERRIDABLE`): on a sink, values checked against the source's description."""
-    fields: dict[str, Any] = dict(
-        name=name, ram_bytes=q.ram_size or DEFAULT_RAM, ram_path=ram_path, vcpus=q.vcpus or 1,
-        accel=resolve_accel(q.accel), machine=q.machine or "q35", cpu_model=q.cpu_model or None,
-        kernel=q.kernel, initrd=q.initrd, append=q.append or None, disks=config_disks(q),
-        serial_log=serial_log)
-    if overrides:
-        if not OVERRIDABLE.issuperset(overrides):
-            raise QemuError(f"VmSpec fields {sorted(set(overrides) - OVERRIDABLE)} come only "
-                            "from this host's config")
-        fields.update(overrides)
-    return VmSpec(**fields)
-
 
 async def _settle_leftover_migration(proc: QemuProcess, timeout: float = 10.0) -> None:
     """An adopted QEMU may still be in the migration its dead relay held open: wait until QEMU

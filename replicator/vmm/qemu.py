@@ -64,15 +64,12 @@ import contextlib
 import dataclasses
 import enum
 import errno
-import json
 import os
-import re
 import signal
 import socket
 import struct
 import tempfile
 import time
-import uuid as uuid_mod
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -81,7 +78,10 @@ from typing import Any
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from replicator.errors import QemuError
-from replicator.vmm.disks import DiskSpec, blockdev
+from replicator.vmm.disks import DiskSpec
+from replicator.vmm.spec import (QEMU_BINARY, RAM_BACKEND_ID, InvalidVmSpec, VmSpec, build_argv)
+from replicator.vmm.stream_header import (MigrationStreamError, StreamHeader, parse_stream_header,
+                                          stream_capabilities)
 from replicator.vmm.launch_record import LaunchRecord
 
 __all__ = [
@@ -103,9 +103,6 @@ __all__ = [
     "QemuProcess",
 ]
 
-QEMU_BINARY = "qemu-system-x86_64"
-#: QOM id of the guest-RAM backend object; also the RAM block's name in the migration stream.
-RAM_BACKEND_ID = "ram0"
 
 #: Capabilities :meth:`QemuProcess.save_device_state` and :meth:`QemuProcess.load_device_state`
 #: set on both ends (only those this QEMU knows are sent). ``x-ignore-shared`` skips the RAM that
@@ -150,18 +147,11 @@ _MIGRATION_ACTIVE = {
 }
 _MIGRATION_FAILED = {"failed", "cancelled"}
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_TOKEN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _STDERR_TAIL = 16 * 1024
 _MiB = 1024 * 1024
 
 
 # --- errors --------------------------------------------------------------------------------
-
-class InvalidVmSpec(QemuError, ValueError):
-    """A :class:`VmSpec` field is invalid (the message names the field)."""
-
 
 class QmpCommandError(QemuError):
     """QEMU answered a QMP command with an error.
@@ -175,278 +165,6 @@ class QmpCommandError(QemuError):
         self.error_class = error_class
         self.desc = desc
         super().__init__(message)
-
-
-class MigrationStreamError(QemuError):
-    """A migration stream is malformed, or lacks what the receiving side requires."""
-
-
-# --- the VM description ----------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class VmSpec:
-    """Everything needed to start one QEMU; validated on construction (:class:`InvalidVmSpec`).
-
-    Source VM and shadow are built from equal specs except ``name``, ``ram_path`` and
-    ``serial_log``: QEMU refuses device state from a differently shaped machine.
-
-    There is deliberately no field for raw command-line options: every field is checked and
-    turned into argv elements by :func:`build_argv`.
-    """
-
-    name: str
-    """VM name (``-name``, socket and log file names): letters, digits, ``._-``."""
-    ram_bytes: int
-    """Guest RAM size; a multiple of 1 MiB, at least 16 MiB."""
-    ram_path: Path
-    """File backing guest RAM (``memory-backend-file,share=on``); created/extended by QEMU."""
-    vcpus: int = 1
-    accel: str = "tcg"
-    """``"tcg"`` or ``"kvm"``."""
-    cpu_model: str | None = None
-    """``-cpu`` model; ``None`` means ``"max"`` under TCG and ``"host"`` under KVM."""
-    kernel: Path | None = None
-    initrd: Path | None = None
-    append: str | None = None
-    """Kernel command line (needs ``kernel``); passed as one argv element."""
-    disks: tuple[DiskSpec, ...] = ()
-    """Disk images with their formats (a :class:`DiskSpec` or a ``(path, format)`` pair each),
-    attached as virtio-blk in this order. There is no default format: see ``vmm.disks``."""
-    serial_log: Path | None = None
-    """File receiving the guest's first serial port (``-serial file:``)."""
-    machine: str = "q35"
-    """Machine type (e.g. ``q35`` or a versioned ``pc-q35-10.0``)."""
-    uuid: str | None = None
-    """Optional SMBIOS UUID (``-uuid``); give the shadow the source's UUID."""
-    qemu_binary: str = QEMU_BINARY
-    """Emulator to run: a name looked up in ``PATH`` or an absolute path."""
-
-    def __post_init__(self) -> None:
-        def fail(field: str, why: str) -> None:
-            raise InvalidVmSpec(f"VmSpec.{field}: {why}")
-
-        def as_path(field: str, value: Any, *, optional: bool) -> Path | None:
-            if value is None:
-                if optional:
-                    return None
-                fail(field, "is required")
-            if not isinstance(value, (str, os.PathLike)):
-                fail(field, f"must be a path, not {type(value).__name__}")
-            p = Path(value)
-            text = str(p)
-            if not text or "\0" in text or "\n" in text:
-                fail(field, f"invalid path {text!r}")
-            return p
-
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            fail("name", f"{self.name!r} must be 1-64 letters, digits or ._- (not starting with ._-)")
-        if isinstance(self.ram_bytes, bool) or not isinstance(self.ram_bytes, int):
-            fail("ram_bytes", "must be an integer")
-        if self.ram_bytes < 16 * _MiB or self.ram_bytes % _MiB:
-            fail("ram_bytes", f"{self.ram_bytes} must be a multiple of 1 MiB and at least 16 MiB")
-        object.__setattr__(self, "ram_path", as_path("ram_path", self.ram_path, optional=False))
-        if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int) or not 1 <= self.vcpus <= 255:
-            fail("vcpus", f"{self.vcpus!r} must be an integer in 1..255")
-        if self.accel not in ("tcg", "kvm"):
-            fail("accel", f"{self.accel!r} must be 'tcg' or 'kvm'")
-        if self.cpu_model is not None and (
-            not isinstance(self.cpu_model, str) or not _TOKEN_RE.match(self.cpu_model)
-        ):
-            fail("cpu_model", f"{self.cpu_model!r} must be a plain model name (letters, digits, ._-)")
-        object.__setattr__(self, "kernel", as_path("kernel", self.kernel, optional=True))
-        object.__setattr__(self, "initrd", as_path("initrd", self.initrd, optional=True))
-        if self.append is not None:
-            if not isinstance(self.append, str) or "\0" in self.append or "\n" in self.append:
-                fail("append", "must be a single-line string")
-        if self.kernel is None and (self.initrd is not None or self.append is not None):
-            fail("kernel", "initrd/append need a kernel")
-        if isinstance(self.disks, (str, os.PathLike)):
-            fail("disks", "must be a sequence of disks, not a single path")
-        disks = []
-        for i, d in enumerate(self.disks):
-            if isinstance(d, (str, os.PathLike)):
-                fail(f"disks[{i}]", f"{str(d)!r} has no format; give DiskSpec(path, format)")
-            try:
-                disks.append(d if isinstance(d, DiskSpec) else DiskSpec(*d))
-            except (QemuError, TypeError) as exc:
-                fail(f"disks[{i}]", str(exc))
-        object.__setattr__(self, "disks", tuple(disks))
-        object.__setattr__(self, "serial_log", as_path("serial_log", self.serial_log, optional=True))
-        if not isinstance(self.machine, str) or not _TOKEN_RE.match(self.machine):
-            fail("machine", f"{self.machine!r} must be a plain machine type name")
-        if self.uuid is not None:
-            try:
-                object.__setattr__(self, "uuid", str(uuid_mod.UUID(str(self.uuid))))
-            except ValueError:
-                fail("uuid", f"{self.uuid!r} is not a UUID")
-        if not isinstance(self.qemu_binary, str) or not self.qemu_binary or "\0" in self.qemu_binary:
-            fail("qemu_binary", "must be a program name or path")
-
-    @property
-    def effective_cpu_model(self) -> str:
-        """The ``-cpu`` model used: ``cpu_model`` or the accelerator's default."""
-        if self.cpu_model:
-            return self.cpu_model
-        return "host" if self.accel == "kvm" else "max"
-
-
-def _opt(value: str | os.PathLike[str]) -> str:
-    """Escape a value for a QEMU ``key=value,...`` option string (``,`` is written ``,,``)."""
-    return str(value).replace(",", ",,")
-
-
-def build_argv(
-    spec: VmSpec,
-    qmp_socket: str | os.PathLike[str],
-    incoming: str | None = None,
-    paused: bool = False,
-) -> list[str]:
-    """Return the full argv (program first) that starts ``spec``.
-
-    ``qmp_socket`` is the unix socket QEMU listens on for QMP. ``incoming="defer"`` starts a
-    shadow waiting for ``migrate-incoming`` (it implies ``paused``, i.e. ``-S``, so that loading
-    device state never starts the guest by itself). ``paused`` alone starts a VM with its CPUs
-    stopped.
-    """
-    if incoming not in (None, "defer"):
-        raise InvalidVmSpec(f"incoming must be None or 'defer', not {incoming!r}")
-    sock = str(qmp_socket)
-    if not sock or len(os.fsencode(sock)) > _SUN_PATH_MAX:
-        raise InvalidVmSpec(f"QMP socket path {sock!r} is empty or longer than {_SUN_PATH_MAX} bytes")
-
-    argv = [
-        spec.qemu_binary,
-        "-name", spec.name,
-        "-nodefaults",
-        "-no-user-config",
-        "-display", "none",
-        "-accel", spec.accel,
-        "-cpu", spec.effective_cpu_model,
-        "-smp", str(spec.vcpus),
-        "-object",
-        f"memory-backend-file,id={RAM_BACKEND_ID},size={spec.ram_bytes},"
-        f"mem-path={_opt(spec.ram_path)},share=on",
-        "-machine", f"{spec.machine},memory-backend={RAM_BACKEND_ID}",
-        "-chardev", f"socket,id=qmp0,path={_opt(sock)},server=on,wait=off",
-        "-mon", "chardev=qmp0,mode=control",
-    ]
-    if spec.uuid:
-        argv += ["-uuid", spec.uuid]
-    if spec.kernel is not None:
-        argv += ["-kernel", str(spec.kernel)]
-    if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd)]
-    if spec.append is not None:
-        argv += ["-append", spec.append]
-    for i, disk in enumerate(spec.disks):
-        # JSON -blockdev: the file name goes in verbatim, the format is explicit, and a qcow2
-        # image's header cannot name a backing file for QEMU to open.
-        argv += ["-blockdev", json.dumps(blockdev(disk, f"disk{i}"), separators=(",", ":")),
-                 "-device", f"virtio-blk-pci,drive=disk{i},id=disk{i}-dev"]
-    if spec.serial_log is not None:
-        # The legacy "file:" form takes the rest of the string verbatim as the path.
-        argv += ["-serial", f"file:{spec.serial_log}"]
-    if incoming is not None:
-        argv += ["-incoming", incoming]
-    if paused or incoming is not None:
-        argv.append("-S")
-    return argv
-
-
-# --- migration stream header -----------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class StreamHeader:
-    """What :func:`parse_stream_header` read from the start of a migration stream."""
-
-    version: int
-    machine: str
-    """Machine type the source ran (e.g. ``pc-q35-10.0``); the destination must match it."""
-    capabilities: frozenset[str]
-    """Capabilities listed in the CONFIGURATION section (only those QEMU cross-checks, e.g.
-    ``x-ignore-shared``, ``mapped-ram``); empty when the section has none."""
-    uuid: bytes | None = None
-    """Source VM UUID, present when ``validate-uuid`` is on."""
-
-
-_QEVM_MAGIC = 0x5145564D
-_SECTION_CONFIGURATION = 0x07
-_SUBSECTION = 0x05
-
-
-def parse_stream_header(data: bytes) -> StreamHeader:
-    """Parse the header and CONFIGURATION section of a QEMU migration stream.
-
-    Layout (big-endian; see docs/devel/migration in QEMU): be32 ``"QEVM"``, be32 version (3), u8
-    0x07, be32 length + machine name, then optional subsections ``{u8 0x05, u8 n, name, be32
-    version, fields}``: ``configuration/target-page-bits`` (be32), ``configuration/capabilities``
-    (be32 count, ``count`` x {u8 n, name}) and ``configuration/uuid`` (16 bytes).
-    Raises :class:`MigrationStreamError` on anything else.
-    """
-    view = memoryview(data)
-    pos = 0
-
-    def take(n: int, what: str) -> memoryview:
-        nonlocal pos
-        if pos + n > len(view):
-            raise MigrationStreamError(f"migration stream truncated in {what} (offset {pos})")
-        chunk = view[pos:pos + n]
-        pos += n
-        return chunk
-
-    def be32(what: str) -> int:
-        return struct.unpack(">I", take(4, what))[0]
-
-    def u8(what: str) -> int:
-        return take(1, what)[0]
-
-    def text(n: int, what: str) -> str:
-        raw = bytes(take(n, what))
-        try:
-            return raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise MigrationStreamError(f"non-ASCII {what} in migration stream: {raw!r}") from None
-
-    magic = be32("header")
-    if magic != _QEVM_MAGIC:
-        raise MigrationStreamError(f"not a QEMU migration stream (magic {magic:#010x})")
-    version = be32("header")
-    if version != 3:
-        raise MigrationStreamError(f"unsupported migration stream version {version}")
-    kind = u8("section type")
-    if kind != _SECTION_CONFIGURATION:
-        raise MigrationStreamError(
-            f"migration stream has no CONFIGURATION section (found section type {kind:#04x})"
-        )
-    machine = text(be32("machine name length"), "machine name")
-    caps: set[str] = set()
-    uuid: bytes | None = None
-    while pos < len(view) and view[pos] == _SUBSECTION:
-        pos += 1
-        name = text(u8("subsection name length"), "subsection name")
-        be32(f"{name} version")
-        leaf = name.rsplit("/", 1)[-1]
-        if leaf == "capabilities":
-            for _ in range(be32("capability count")):
-                caps.add(text(u8("capability name length"), "capability name"))
-        elif leaf == "target-page-bits":
-            be32("target-page-bits")
-        elif leaf == "uuid":
-            uuid = bytes(take(16, "uuid"))
-        else:
-            # Subsections carry no length, so an unknown one cannot be skipped.
-            raise MigrationStreamError(f"unknown CONFIGURATION subsection {name!r}")
-    return StreamHeader(version=version, machine=machine, capabilities=frozenset(caps), uuid=uuid)
-
-
-def stream_capabilities(data: bytes) -> set[str]:
-    """Capabilities a migration stream says were on at the source (from its CONFIGURATION section).
-
-    ``{"x-ignore-shared"}`` for a stream made by :meth:`QemuProcess.save_device_state`; an empty
-    set for a plain migration stream. Raises :class:`MigrationStreamError` if ``data`` does not
-    start with a well-formed header (a few hundred bytes are enough).
-    """
-    return set(parse_stream_header(data).capabilities)
 
 
 # --- events ------------------------------------------------------------------------------------
