@@ -7,26 +7,8 @@ hosts; so a real sink daemon refuses the real source, names the file and leaves 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 from .conftest import wait_until
-from .test_faults import MiB, Daemon, _sink_daemon_pair
-
-
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-
-    def make(name: str, d: Path, table: dict) -> Daemon:
-        dm = Daemon(name, d, table)
-        started.append(dm)
-        return dm
-
-    yield make
-    for dm in started:
-        dm.cleanup()
+from .test_faults import MiB, _sink_daemon_pair, daemons  # noqa: F401  (fixture)
 
 
 async def test_sink_daemon_refuses_replication_on_an_unreadable_state_file(

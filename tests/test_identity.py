@@ -17,7 +17,7 @@ import pytest
 from replicator.identity import Identity
 
 from .conftest import ROOT
-from .test_faults import Daemon, free_port, sink_table
+from .test_faults import daemons, free_port, sink_table  # noqa: F401  (fixture)
 
 
 def replicator(*args: str) -> subprocess.CompletedProcess:
@@ -134,18 +134,6 @@ def test_daemon_without_its_certificate_refuses_to_start(tmp_path, daemons):
     assert not (ident / "node.crt").exists()
 
 
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-
-    def make(name: str, d: Path, table: dict) -> Daemon:
-        dm = Daemon(name, d, table)
-        started.append(dm)
-        return dm
-
-    yield make
-    for dm in started:
-        dm.cleanup()
 
 
 async def test_insecure_plaintext_is_warned_about_at_every_start(tmp_path, daemons):
