@@ -336,15 +336,8 @@ class PrecopyReplicator(SourceReplicator):
             sent_epoch=self.ledger.sent_epoch, round_seconds=0.0, in_sync=in_sync)
 
     def publish(self) -> None:
-        snap = self.lag_snapshot()
+        super().publish()                       # lag gauges, from lag_snapshot() above
         mt = self.metrics
-        mt.lag_bytes.set(snap.lag_bytes)
-        mt.lag_pages.set(snap.lag_pages)
-        mt.lag_seconds.set(snap.lag_seconds)
-        mt.dirty_rate.set(snap.dirty_rate)
-        mt.throughput.set(snap.throughput)
-        mt.switch_estimate.set(snap.switch_estimate)
-        mt.in_sync.set(1 if snap.in_sync else 0)
         for state in ("idle", "backlog", "switching"):
             mt.precopy_pacing.labels(state).set(1 if self.pacing == state else 0)
 
