@@ -17,11 +17,9 @@ mode on the same guest.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare import (GUEST, MiB, PROFILES, ROOT, Cell, Ctx, Net, Reaper, _ms, brief,
-                           guarded, loadavg, log, machine_facts, replicator_switch)
+                           guarded, loadavg, log, machine_facts, replicator_switch, run_main)
 
 
 async def run(args: argparse.Namespace, work: Path, reaper: Reaper) -> list[dict[str, Any]]:
@@ -148,14 +146,7 @@ def main() -> int:
     ap.add_argument("--keep-logs", help="copy the daemons' logs of every run into this directory")
     args = ap.parse_args()
 
-    def on_term(*_: Any) -> None:
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        return asyncio.run(main_async(args))
-    except KeyboardInterrupt:
-        log("interrupted; everything started was stopped")
-        return 130
+    return run_main(main_async(args))
 
 
 if __name__ == "__main__":

@@ -1170,11 +1170,17 @@ def main() -> int:
                     help="run the daemons with -v (diagnosis only: debug logging costs time)")
     args = ap.parse_args()
 
+    return run_main(main_async(args))
+
+
+def run_main(coro: Any) -> int:
+    """Run a benchmark's main coroutine; SIGTERM and Ctrl-C stop it (everything it started is
+    stopped by its own cleanup) with exit status 130."""
     def on_term(*_: Any) -> None:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
     try:
-        return asyncio.run(main_async(args))
+        return asyncio.run(coro)
     except KeyboardInterrupt:
         log("interrupted; everything started was stopped")
         return 130

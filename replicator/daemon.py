@@ -200,10 +200,7 @@ class SourceNode:
         if self.rep is not None:
             await self.rep.close()
         if self.driver is not None:
-            if leave_domain_running and hasattr(self.driver, "proc"):
-                await self.driver.close(leave_running=True)
-            else:
-                await self.driver.close()
+            await self.driver.close(leave_running=leave_domain_running)
 
 
 class SinkNode:

@@ -9,9 +9,9 @@ written; any malformed or hostile frame drops the connection without touching th
 from __future__ import annotations
 
 import asyncio
-import socket
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,7 @@ class SinkReceiver:
             self._lsock.close()
             self._lsock = None
         for task in list(self._conn_tasks):
-            if task is not self._session_task():
+            if task is not self._active:
                 task.cancel()
         if self.link is not None:
             await self.link.close()
@@ -121,9 +121,6 @@ class SinkReceiver:
         if self.store is not None:
             self.store.close(clean=True)
             self.store = None
-
-    def _session_task(self) -> asyncio.Task | None:
-        return self._active
 
     async def _authenticated(self, conn: socket.socket) -> Link | None:
         """The connection once it is TLS and proved the paired source's ID, within

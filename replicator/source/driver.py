@@ -68,8 +68,10 @@ class DomainDriver(abc.ABC):
         """What the running VM is, for the sink to check its own VM definition against."""
         return None
 
-    async def close(self) -> None:
-        """Release resources; never changes the domain's run state."""
+    async def close(self, leave_running: bool = False) -> None:
+        """Release resources; never changes the domain's run state. ``leave_running``: the
+        daemon stops or restarts, so a VM it launched itself goes on (the next start adopts
+        it); without it such a VM ends with the daemon."""
 
 
 class FileDriver(DomainDriver):

@@ -204,6 +204,13 @@ class Ledger:
         return max(0.0, now - (self.proven_at if self.proven_at is not None
                                else self.created_at))
 
+    def unproven_lag(self, known: int, dirty_rate: float, seconds: float) -> int:
+        """Bytes behind when nothing is proven: unknown, never zero. What is known to be
+        unsent, or what the guest dirtied since the last proof, at least one page, at most
+        all of RAM."""
+        total = sum(rl.npages for rl in self.regions.values()) * PAGE_SIZE
+        return min(total, max(known, PAGE_SIZE, int(dirty_rate * seconds)))
+
     def snapshot(self, now: float | None = None, device_state_bytes: int = 300_000,
                  streaming: bool = True) -> LagSnapshot:
         """Lag figures. ``streaming``: a session is up; without one nothing is in sync and the
@@ -216,10 +223,8 @@ class Ledger:
             oldest = next((e.detected_at for e in self.epochs.values() if e.pages), None)
             lag_seconds = max(0.0, now - oldest) if oldest is not None else 0.0
         else:
-            # Unknown, not zero: the guest dirtied memory the sink has not confirmed.
             lag_seconds = self.unproven_seconds(now)
-            total = sum(rl.npages for rl in self.regions.values())
-            lag_pages = min(total, max(lag_pages, 1, int(dirty * lag_seconds) // PAGE_SIZE))
+            lag_pages = self.unproven_lag(lag_pages * PAGE_SIZE, dirty, lag_seconds) // PAGE_SIZE
         thr = self.wire_rate.tick(now)
         ratio = (self.wire_sent / self.raw_sent) if self.raw_sent else 1.0
         link = self.link_rate or thr or 100e6

@@ -39,13 +39,13 @@ from ..link import Link
 from ..metrics import Metrics
 from ..wire import messages as m
 from ..wire.pages import ZERO_HASH
+from ..vmm.migration_stream import PageKind, PageRecord, PrecopyEditor, RamEos
 from ..vmm.qemu import RAM_BACKEND_ID, QmpEvent
 from .converge import Deadlines, Throttle
 from .driver import Region
-from ..vmm.migration_stream import PageKind, PageRecord, PrecopyEditor, RamEos
+from .ledger import LagSnapshot
 from .sender import SourceReplicator
 from .switch import Switcher, SwitchReport, _Progress
-from .ledger import LagSnapshot
 from .tracker import DirtyTracker, Round
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,6 @@ class PrecopyReplicator(SourceReplicator):
         # session proves nothing until it caught up again.
         self._caught_up_at: float | None = None
         self._last_lag = 0
-        self._started_at = time.monotonic()
         self._qsock: socket.socket | None = None
         self._editor: PrecopyEditor | None = None
         self._buf = bytearray(RECV_CHUNK)
@@ -310,7 +309,7 @@ class PrecopyReplicator(SourceReplicator):
         ram = self.qemu_info.get("ram", {})
         now = time.monotonic()
         dirty = float(ram.get("dirty-pages-rate") or 0) * PAGE_SIZE
-        since = self._caught_up_at if self._caught_up_at is not None else self._started_at
+        since = self._caught_up_at if self._caught_up_at is not None else self.ledger.created_at
         stale = max(0.0, now - since)
         if self.streaming:
             buffered = 0
@@ -323,9 +322,8 @@ class PrecopyReplicator(SourceReplicator):
             # dirtying memory always leaves some bytes in QEMU's queue.
             in_sync = stale <= 1.0
         else:
-            # No live migration: what QEMU last reported is void. Not zero: estimate.
-            ram_bytes = sum(r.size for r in self.regions)
-            lag = min(ram_bytes, max(self._last_lag, PAGE_SIZE, int(dirty * stale)))
+            # No live migration: what QEMU last reported is void.
+            lag = self.ledger.unproven_lag(self._last_lag, dirty, stale)
             in_sync = False
         link_rate = self.ledger.link_rate or 100e6
         estimate = (lag + dirty * self.cfg.stream.precopy_interval) / link_rate + 0.02
@@ -358,10 +356,6 @@ class PrecopySwitcher(Switcher):
     """
 
     rep: PrecopyReplicator
-
-    @property
-    def throttle(self) -> Throttle:
-        return self.rep.throttle            # armed with each held-open migration
 
     async def _hand_over_memory(self, report: SwitchReport, ctx: _Progress) -> None:
         rep = self.rep

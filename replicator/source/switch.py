@@ -120,8 +120,10 @@ class Switcher:
         self.current: SwitchReport | None = None
         self.last: SwitchReport | None = None
         self._lock = asyncio.Lock()
+        # The precopy replicator owns one (armed with each held-open migration); else ours.
         proc = getattr(driver, "proc", None)
-        self._throttle = Throttle(proc, rep.cfg.switch) if proc is not None else None
+        self._throttle = getattr(rep, "throttle", None) or (
+            Throttle(proc, rep.cfg.switch) if proc is not None else None)
 
     @property
     def throttle(self) -> Throttle | None:

@@ -82,7 +82,7 @@ from replicator.vmm.disks import DiskSpec
 from replicator.vmm.spec import (QEMU_BINARY, RAM_BACKEND_ID, InvalidVmSpec, VmSpec, build_argv)
 from replicator.vmm.stream_header import (MigrationStreamError, StreamHeader, parse_stream_header,
                                           stream_capabilities)
-from replicator.vmm.launch_record import LaunchRecord
+from replicator.vmm.launch_record import LaunchRecord, process_start_ticks
 
 __all__ = [
     "QEMU_BINARY",
@@ -279,7 +279,6 @@ class QemuProcess:
         self._stderr_log: Path | None = None
         self._stderr_start = 0
         self._record_path: Path | None = None
-        self.adopted = False
         self._incoming_files = 0
         self._save_prepared = False
         self._load_prepared: dict[str, bool] | None = None
@@ -325,8 +324,7 @@ class QemuProcess:
             raise QemuError(f"cannot start {spec.qemu_binary}: {exc}") from exc
         self = cls(qmp_socket=qmp_socket, spec=spec, workdir=workdir, proc=proc, pid=proc.pid,
                    origin=_Origin.LAUNCHED)
-        self._stderr_log = stderr_log
-        self._stderr_start = stderr_log.stat().st_size if stderr_log.exists() else 0
+        self._use_stderr_log(stderr_log)
         try:
             await self._connect_launched(connect_timeout)
         except BaseException:
@@ -372,10 +370,8 @@ class QemuProcess:
                     f"the config (recorded: {' '.join(record.argv)})")
         self = cls(qmp_socket=Path(record.qmp_socket), spec=spec, workdir=workdir, proc=None,
                    pid=record.pid, origin=_Origin.LAUNCHED)
-        self._stderr_log = workdir / f"{name}.stderr.log"
-        self._stderr_start = self._stderr_log.stat().st_size if self._stderr_log.exists() else 0
+        self._use_stderr_log(workdir / f"{name}.stderr.log")
         self._record_path = record_path
-        self.adopted = True
         try:
             await asyncio.wait_for(self._qmp.connect(str(self.qmp_socket)), timeout)
         except (QMPError, OSError, asyncio.TimeoutError) as exc:
@@ -522,6 +518,11 @@ class QemuProcess:
         await self._disconnect_quietly()
         self._forget_record()
         return rc
+
+    def _use_stderr_log(self, path: Path) -> None:
+        """QEMU's stderr file: :meth:`stderr_tail` reads what it wrote from now on."""
+        self._stderr_log = path
+        self._stderr_start = path.stat().st_size if path.exists() else 0
 
     def _forget_record(self) -> None:
         """QEMU is gone: its launch record must not make a later run adopt a recycled pid."""
@@ -1046,10 +1047,4 @@ def _socket_peer_pid(path: Path) -> int | None:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        # state is the field after the ")" closing the command name
-        return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] not in (b"Z", b"X")
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        return False
+    return process_start_ticks(pid) is not None      # None: gone, or a zombie
