@@ -306,7 +306,9 @@ def _ledger() -> Ledger:
 
 def test_ledger_lag_accounting():
     ledger = _ledger()
-    t0 = time.monotonic()
+    # Before any proof the lag is counted from the ledger's creation: take that instant as t0,
+    # not a later clock reading (which made this test flaky by microseconds).
+    t0 = ledger.created_at
     snap = ledger.snapshot(now=t0)
     # Nothing was ever acknowledged: not in sync, and the lag is not claimed to be zero.
     assert snap.in_sync is False and snap.lag_pages >= 1
@@ -348,7 +350,7 @@ def test_ledger_lag_accounting():
 
 def test_ledger_lag_age_is_the_oldest_unacked_round():
     ledger = _ledger()
-    t0 = time.monotonic()
+    t0 = ledger.created_at               # unproven lag counts from here: no clock skew
     ledger.add_round(1, t0, 0.01, {"ram": np.array([1])}, 0.05)
     ledger.add_round(2, t0 + 1.0, 0.01, {"ram": np.array([2, 3])}, 0.05)
     ledger.add_round(3, t0 + 2.0, 0.01, {"ram": np.array([], dtype=np.int64)}, 0.05)
@@ -369,7 +371,7 @@ def test_ledger_lag_age_is_the_oldest_unacked_round():
 
 def test_in_sync_needs_a_live_session_and_an_acked_round_after_each_reconnect():
     ledger = _ledger()
-    t0 = time.monotonic()
+    t0 = ledger.created_at               # unproven lag counts from here: no clock skew
     man = {"ram": np.zeros(64, dtype=np.uint64), "vram": np.zeros(8, dtype=np.uint64)}
     ledger.reset_to_sink(man, 0)
     ledger.add_round(1, t0, 0.01, {"ram": np.array([1])}, 0.05)
@@ -405,7 +407,7 @@ def test_take_pending_skips_pages_not_pending():
 
 def test_reset_to_sink_clears_lag():
     ledger = _ledger()
-    t0 = time.monotonic()
+    t0 = ledger.created_at               # unproven lag counts from here: no clock skew
     ledger.add_round(5, t0, 0.0, {"ram": np.array([1, 2])}, 0.05)
     ledger.take_pending("ram", np.array([1]))
     ledger.epoch_sent(5)
