@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Build replicator's tiny test guest: an uncompressed Debian kernel (booted through QEMU's PVH
 # entry, `-kernel vmlinux`) and a busybox initramfs whose /init runs deploy/guest/guestload.c
-# (serial "COUNTER <n>" every 0.5 s, plus optional memory fill and dirtying).
+# (serial "COUNTER <n>" every 0.5 s, plus optional memory fill and dirtying, disk check and
+# disk writes). The initramfs carries the kernel package's virtio-blk modules, so a disk that
+# QEMU attaches as virtio-blk-pci shows up as /dev/vda.
 #
 #   deploy/build-guest.sh [OUTDIR]        (default: <repo>/build/guest)
 #
-# Outputs OUTDIR/vmlinux and OUTDIR/initramfs.cpio.gz. Idempotent: a step is skipped when its
-# output exists and is newer than its inputs. See deploy/guest/README.md.
+# Outputs OUTDIR/vmlinux and OUTDIR/initramfs.cpio.gz (and, in between, OUTDIR/modules).
+# Idempotent: a step is skipped when its output exists and is newer than its inputs. See
+# deploy/guest/README.md.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -30,7 +33,7 @@ newer() {
     for i in "$@"; do [ "$o" -nt "$i" ] || return 1; done
 }
 
-need apt-cache apt-get dpkg od dd readelf gcc cpio gzip find sort
+need apt-cache apt-get dpkg od dd readelf gcc cpio gzip find sort tr sed
 [ -f "$src" ] || die "missing $src"
 
 mkdir -p "$out"
@@ -74,7 +77,49 @@ extract_vmlinux() {
     [ "$(hex_at "$dst" 0 4)" = 7f454c46 ] || { echo "decompressed payload is not ELF" >&2; return 1; }
 }
 
-if newer "$out/vmlinux" "$self" && [ "$(cat "$out/vmlinux.pkg" 2>/dev/null)" = "$kstamp" ]; then
+# Modules that give the guest /dev/vda (virtio-blk-pci) in Debian's kernel, where they are
+# modules (=m); their dependencies are found from each module's own "depends=".
+guest_modules="virtio_pci virtio_blk"
+
+# collect_modules ROOT DST: copy guest_modules and their dependencies from the unpacked package
+# ROOT into DST as plain .ko (busybox insmod can't read compressed ones; a compressed module is
+# signed before compression, so the plain one keeps its signature) and list them in load order,
+# dependencies first, in DST/load. A module built into the kernel is left out.
+collect_modules() {
+    local root=$1 dst=$2 mdir m
+    local -A seen=()
+    mdir=$(find "$root/lib/modules" "$root/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d \
+        2>/dev/null | head -n1)
+    [ -n "$mdir" ] || { echo "no lib/modules/<version> in the package" >&2; return 1; }
+    mkdir -p "$dst"
+    : >"$dst/load"
+    add_module() {
+        local m=$1 f d
+        [ -z "${seen[$m]+x}" ] || return 0
+        seen[$m]=1
+        f=$(find "$mdir" \( -name "$m.ko*" -o -name "${m//_/-}.ko*" \) | head -n1)
+        if [ -z "$f" ]; then
+            grep -Eq "/(${m}|${m//_/-})\.ko\$" "$mdir/modules.builtin" 2>/dev/null && return 0
+            echo "module $m: neither a .ko nor built in" >&2
+            return 1
+        fi
+        case $f in
+            *.ko) cp "$f" "$dst/$m.ko" ;;
+            *.ko.xz) xz -dc "$f" >"$dst/$m.ko" ;;
+            *.ko.zst) zstd -dcq "$f" >"$dst/$m.ko" ;;
+            *.ko.gz) gzip -dc "$f" >"$dst/$m.ko" ;;
+            *) echo "module $m: unknown compression ($f)" >&2; return 1 ;;
+        esac || { echo "module $m: cannot decompress $f" >&2; return 1; }
+        for d in $(tr '\0' '\n' <"$dst/$m.ko" | sed -n 's/^depends=//p' | head -n1 | tr , ' '); do
+            add_module "$d" || return 1
+        done
+        echo "$m" >>"$dst/load"
+    }
+    for m in $guest_modules; do add_module "$m" || return 1; done
+}
+
+if newer "$out/vmlinux" "$self" && newer "$out/modules/load" "$self" &&
+    [ "$(cat "$out/vmlinux.pkg" 2>/dev/null)" = "$kstamp" ]; then
     echo "build-guest: vmlinux up to date ($kstamp)"
 else
     echo "build-guest: fetching $kstamp"
@@ -97,6 +142,10 @@ else
         cp "$bz" "$out/vmlinux"
     fi
     cp "$tmp"/root/boot/config-* "$out/kernel.config" 2>/dev/null || true
+    collect_modules "$tmp/root" "$tmp/modules" || die "cannot collect the guest's modules from $kpkg"
+    rm -rf "$out/modules"
+    mv "$tmp/modules" "$out/modules"
+    echo "build-guest: modules: $(tr '\n' ' ' <"$out/modules/load")"
     echo "$kstamp" >"$out/vmlinux.pkg"
 fi
 
@@ -116,12 +165,14 @@ bb=$(readlink -f "$bb")
 readelf -l "$bb" 2>/dev/null | grep -q INTERP && die "$bb is dynamically linked; install busybox-static"
 
 initrd=$out/initramfs.cpio.gz
-if newer "$initrd" "$out/guestload" "$self" "$bb"; then
+if newer "$initrd" "$out/guestload" "$self" "$bb" "$out/modules/load"; then
     echo "build-guest: initramfs up to date"
 else
     r=$tmp/initramfs
-    mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run}
+    mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,lib/modules}
     cp "$bb" "$r/bin/busybox"
+    cp "$out/modules/load" "$r/lib/modules/load"
+    while read -r m; do cp "$out/modules/$m.ko" "$r/lib/modules/$m.ko"; done <"$out/modules/load"
     cp "$out/guestload" "$r/bin/guestload"
     "$bb" --list-full | while read -r a; do
         [ "$a" = bin/busybox ] || [ -e "$r/$a" ] || ln -s /bin/busybox "$r/$a"
@@ -131,11 +182,22 @@ else
     [ "$(id -u)" = 0 ] && mknod -m 600 "$r/dev/console" c 5 1
     cat >"$r/init" <<'EOF'
 #!/bin/sh
-# replicator test guest: knobs come from the kernel command line (fill=<%> dirty=<MiB/s>).
+# replicator test guest: knobs come from the kernel command line (fill=<%> dirty=<MiB/s>;
+# guestload reads the others from /proc/cmdline).
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec </dev/console >/dev/console 2>&1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+# virtio-blk, for /dev/vda (listed dependencies first by build-guest.sh; a built-in one is not
+# listed). Loaded in the background: it takes ~0.2-0.3 s under TCG, and only guestload's disk
+# process needs it, which waits for /run/modules.done (the probe is synchronous, so a disk is
+# there by then).
+(
+    for m in $(cat /lib/modules/load 2>/dev/null); do
+        [ -f "/lib/modules/$m.ko" ] && insmod "/lib/modules/$m.ko"
+    done
+    : >/run/modules.done
+) &
 fill=0
 dirty=0
 for arg in $(cat /proc/cmdline); do

@@ -84,8 +84,10 @@ class RegionConfig:
 
 @dataclass(frozen=True, slots=True)
 class DiskConfig:
-    """A disk image on storage both hosts reach at the same path. ``auto``: the format the
-    file's header shows (qcow2 magic, else raw); an explicit format is safer."""
+    """A disk image of this host. On the source: the VM's disk. On the sink: its own copy of
+    the source's disk at the same position (created, sparse, if missing), which the laptop's
+    VM runs on after a switch. ``auto``: the format the file's header shows (qcow2 magic, else
+    raw; a copy still to be created takes the source's format); an explicit format is safer."""
     path: Path
     format: Literal["auto", "raw", "qcow2"] = "auto"
 
@@ -148,6 +150,7 @@ class StreamConfig:
     precopy_burst: float = 0.001            # seconds of draining per idle burst
     precopy_interval: float = 0.25          # seconds between idle bursts
     precopy_backlog: int = 4 * 1024 * 1024  # QEMU's ram.remaining above this: drain nonstop
+    disk_interval: float = 1.0              # seconds between disk rounds (dirty-bitmap pulls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +301,8 @@ def _validate(cfg: Config, path: str | None) -> None:
         bad("stream.scan_max_duty", "must be in (0, 1]")
     if s.max_inflight_epochs < 1:
         bad("stream.max_inflight_epochs", "must be at least 1")
+    if not 0.05 <= s.disk_interval <= 60:
+        bad("stream.disk_interval", "must be between 0.05 and 60 seconds")
     if cfg.peer.id:
         from .identity import normalize_id
         try:
@@ -372,7 +377,7 @@ def _validate(cfg: Config, path: str | None) -> None:
         if "\0" in str(disk.path) or "\n" in str(disk.path):
             bad(f"domain.qemu.disks[{i}].path", "must not contain NUL or newline characters")
         if not disk.path.is_absolute():
-            bad(f"domain.qemu.disks[{i}].path", "must be an absolute path (the same on both hosts)")
+            bad(f"domain.qemu.disks[{i}].path", "must be an absolute path")
         if disk.path in disk_paths:
             bad(f"domain.qemu.disks[{i}].path", f"{str(disk.path)!r} is listed twice")
         disk_paths.add(disk.path)

@@ -70,6 +70,13 @@ class SourceNode:
             from .source.qemu_driver import QemuDriver
             self.driver = await QemuDriver.create(cfg)
         regions = await self.driver.regions()
+        disks = None
+        if cfg.domain.driver == "qemu":
+            from .source import disks as source_disks
+            from .wire.pages import Compressor
+            disks = await source_disks.create(
+                cfg, self.driver, self.metrics,
+                Compressor(cfg.stream.compression, cfg.stream.zstd_level))
         state = HandoverState(Path(cfg.node.state_dir) / cfg.domain.name / "handed-over.json")
         switcher_cls: type = Switcher
         if cfg.domain.tracker == "qemu-precopy":
@@ -77,11 +84,11 @@ class SourceNode:
                 raise ConfigError("the qemu-precopy tracker needs driver = \"qemu\"",
                                   path=cfg.source_path, key="domain.tracker")
             from .source.precopy import PrecopyReplicator, PrecopySwitcher
-            self.rep = PrecopyReplicator(cfg, self.driver, regions, self.metrics)
+            self.rep = PrecopyReplicator(cfg, self.driver, regions, self.metrics, disks=disks)
             switcher_cls = PrecopySwitcher
         else:
             self.rep = SourceReplicator(cfg, self.driver, regions, ScanTracker(regions),
-                                        self.metrics)
+                                        self.metrics, disks=disks)
         self.switcher = switcher_cls(self.rep, self.driver, state,
                                      target_downtime=cfg.switch.target_downtime,
                                      step_timeout=cfg.switch.step_timeout)
@@ -129,9 +136,10 @@ class SourceNode:
             "dirty_rate_bytes_per_second": snap.dirty_rate,
             "throughput_bytes_per_second": snap.throughput,
             "link_rate_bytes_per_second": snap.link_rate,
-            "switch_estimate_seconds": snap.switch_estimate,
+            "switch_estimate_seconds": snap.switch_estimate + rep.disk_estimate(),
             "acked_epoch": snap.acked_epoch,
-            "in_sync": snap.in_sync,
+            "in_sync": snap.in_sync and rep.disks_in_sync(),
+            "disks": rep.disks.status() if rep.disks is not None else [],
             "sent_bytes": {"raw": rep.ledger.raw_sent, "wire": rep.ledger.wire_sent},
             "handed_over": self.switcher.handed_over,
             "qemu_pid": getattr(getattr(self.driver, "proc", None), "pid", None),
@@ -288,6 +296,7 @@ class SinkNode:
             "acked_epoch": store.epoch if store else None,
             "ram_bytes": sum(r.info.size for r in store.regions.values()) if store else None,
             "runs_domain": bool(store and store.handed_over),
+            "disks": rec.disks.status() if rec else [],
             "shadow": self.switch_handler.shadow.status() if self.switch_handler else {},
             "last_switch": self.switch_handler.last_result if self.switch_handler else None,
         }

@@ -75,6 +75,27 @@ class Metrics:
                                     "1 for the relay's current pacing state (idle bursts, "
                                     "backlog draining, switching).", ["state"], registry=r)
 
+        # Disks (label ``disk``: the disk's position, 0 = the guest's first disk).
+        self.disk_lag_bytes = Gauge("replicator_disk_lag_bytes",
+                                    "Bytes of a disk written but not yet durable in the peer's "
+                                    "copy (during a first copy: what is left to compare).",
+                                    ["disk"], registry=r)
+        self.disk_lag_blocks = Gauge("replicator_disk_lag_blocks",
+                                     "Replication blocks (64 KiB) of a disk not yet durable in "
+                                     "the peer's copy.", ["disk"], registry=r)
+        self.disk_lag_seconds = Gauge("replicator_disk_lag_seconds",
+                                      "Age of the oldest disk write not yet durable in the "
+                                      "peer's copy.", ["disk"], registry=r)
+        self.disk_sent_bytes = Counter("replicator_disk_sent_bytes",
+                                       "Disk block bytes sent: raw (zero blocks included, "
+                                       "before compression) and wire (framed).",
+                                       ["disk", "kind"], registry=r)
+        self.disk_written_bytes = Counter("replicator_disk_written_bytes",
+                                          "Bytes written into the disk copies (sink).",
+                                          ["disk"], registry=r)
+        self.disk_bytes = Gauge("replicator_disk_size_bytes",
+                                "Virtual size of each replicated disk.", ["disk"], registry=r)
+
         # Switches.
         self.switches = Counter("replicator_switches",
                                 "Switches attempted, by mode and result.", ["mode", "result"],

@@ -51,7 +51,7 @@ MAX_FRAME = 1 << 16            # the decoder limit used for the bulk (small: ove
 # Part 1: the codec
 # ================================================================================================
 
-_HINTS = {cls: typing.get_type_hints(cls) for cls in m.MESSAGE_TYPES + (m.RegionInfo,)}
+_HINTS = {cls: typing.get_type_hints(cls) for cls in m.MESSAGE_TYPES + (m.RegionInfo, m.DiskInfo)}
 _EDGE_INTS = [0, 1, -1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, -(2**63), 2**64 - 1]
 
 

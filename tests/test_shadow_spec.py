@@ -194,18 +194,21 @@ async def test_source_cannot_choose_kernel_or_initrd(shm_dir, monkeypatch):
 
 
 async def test_source_cannot_choose_laptop_disks(shm_dir, monkeypatch):
-    """A description naming the laptop's node key (or any path the laptop did not configure)
-    as a disk is refused at the Hello: no shadow starts, nothing is opened."""
+    """A description naming the laptop's node key as a disk: the laptop's QEMU opens only its
+    own disk copies (from its config or state dir, matched by position), never a path the
+    source names; disks the laptop holds no copies of keep the shadow from starting."""
     pair = configs(shm_dir, {"ram_size": RAM})
     token, key = secrets(shm_dir)
     describe_as(monkeypatch, {"ram_bytes": RAM, "disks": [str(key)]})
     try:
-        reason = await refused(pair)
-        assert "disks: the source's VM has" in reason and str(key) in reason
-        assert "domain.qemu.disks) says none" in reason
+        await pair.start_sink()
+        await pair.start_source()
+        await pair.wait_connected()
+        shadow = pair.sink.switch_handler.shadow
+        with pytest.raises(LayoutMismatch, match="the source's QEMU has 1 disk"):
+            await shadow.prepare(pair.sink.receiver.vm_description)
         await asyncio.sleep(2.5)                    # the sink pre-starts shadows every second
-        assert pair.sink.switch_handler.shadow.proc is None
-        assert not (shm_dir / "sink" / "vm" / "layout.json").exists()
+        assert shadow.proc is None
     finally:
         await stop(pair)
 
@@ -221,11 +224,12 @@ async def test_source_cannot_choose_laptop_disks(shm_dir, monkeypatch):
      ["the source's VM has 'pc-q35-10.0'", "(domain.qemu.machine) says 'pc-q35-9.2'"]),
     ({"cpu_model": "max"}, {}, "ram0", RAM, {"cpu_model": "Skylake-Server"},
      ["the source's VM has 'Skylake-Server'", "(domain.qemu.cpu_model) says 'max'"]),
-    ({"disks": [{"path": "/srv/vm/work.img", "format": "raw"}]}, {}, "ram0", RAM,
+    ({"disks": [{"path": "/srv/copy/a.img", "format": "raw"},
+                {"path": "/srv/copy/b.img", "format": "raw"}]}, {}, "ram0", RAM,
      {"disks": [{"path": "/srv/vm/work.img", "format": "qcow2"}]},
-     ["disk /srv/vm/work.img: the source's QEMU has it open as qcow2", "open it as raw"]),
+     ["the source's QEMU has 1 disk(s)", "domain.qemu.disks lists 2 copies"]),
     ({}, {}, "mem", RAM, {}, ["a QEMU domain has one region 'ram0'", "['mem']"]),
-], ids=["ram", "max-ram", "vcpus", "machine", "cpu", "disk-format", "region"])
+], ids=["ram", "max-ram", "vcpus", "machine", "cpu", "disk-count", "region"])
 async def test_mismatch_refused_naming_both(shm_dir, monkeypatch, sink_qemu, sink_domain,
                                             region, size, desc, expect):
     pair = configs(shm_dir, sink_qemu, sink_domain=sink_domain, region=region, size=size)

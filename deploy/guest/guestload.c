@@ -38,9 +38,41 @@
  * A stale copy of a page (older generation) fails with why=generation, a zero or foreign page
  * with why=magic, a torn page (new header, old body) with why=content.  The check never
  * repairs anything: a bad page fails every later pass until the dirtier rewrites it.
+ *
+ * Disk (opt-in, kernel command line): "diskcheck=<seconds>" and "diskdirty=<MiB/s>" (default
+ * 0 = off, fractions allowed) work on /dev/vda (virtio-blk; /init loads its modules in the
+ * background, then creates /run/modules.done) in a third process (nice 19), all I/O O_DIRECT
+ * so that reads come from the disk, not the page cache.  The first half of the disk, at most
+ * 64 MiB, is the check area: 1 MiB regions of 256 blocks of 4 KiB.  The rest of the disk is
+ * the diskdirty area.  No /dev/vda (or one under 2 MiB) prints "DISKCHECK FAIL no disk" once.
+ *
+ * diskcheck: every <seconds> (start to start, back to back when a round takes longer) round k
+ * (k = 1, 2, ...) writes region (k-1) mod <regions>, every block self-describing:
+ *   bytes 0..7    magic "GLDISK01"
+ *   bytes 8..11   region (u32)      bytes 12..15  block in the region, 0..255 (u32)
+ *   bytes 16..19  round (u32)       bytes 20..23  zero
+ *   bytes 24..    xorshift64* output seeded from (per-boot key, region, block, round)
+ * then fdatasync, then reads back and checks the region round k-1 wrote; every 8th round
+ * checks every region ever written instead.  The process keeps the round that last wrote
+ * each region, so a stale block anywhere is caught.  Each round ends with exactly one line:
+ *   "DISKCHECK OK round=<k> regions=<n>"    n regions checked (0 in round 1)
+ *   "DISKCHECK FAIL round=<k> bad=<count>"  count bad blocks
+ * preceded, for a failed round, by at most 8 lines, one per bad block (or failed I/O):
+ *   "DISKCHECK FAIL round=<k> region=<r> block=<b> want_round=<w> got_round=<g>
+ *    why=<magic|index|round|content|io>"   (one line)
+ * w = round the table expects, g = the block header's round.  A stale block fails with
+ * why=round, a zero or foreign block with why=magic, a misplaced one with why=index, a torn
+ * one with why=content; why=io is a failed write or read (its blocks all count as bad).
+ *
+ * diskdirty: a child of the disk process rewrites the diskdirty area with fresh pseudo-random
+ * data at <MiB/s>, in order and wrapping, in writes of at most 256 KiB rate-limited in 10 ms
+ * slices (no fdatasync), and prints "DISKDIRTY <MiB/s>" every ~5 s: the rate achieved, like
+ * DIRTY.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -49,6 +81,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/auxv.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -67,6 +100,17 @@
 #define PAGE_MAGIC 0x3130454741504c47ULL /* "GLPAGE01" in memory (little-endian) */
 #define VERIFY_SLICE_S 0.005             /* a memcheck pass's share of each 10 ms slice */
 #define VERIFY_MAX_LINES 8               /* per-page FAIL lines per pass */
+#define DISK_DEV "/dev/vda"
+#define MODULES_DONE "/run/modules.done"    /* /init has loaded the virtio-blk modules */
+#define DISK_WAIT_S 30.0                    /* for MODULES_DONE, at most */
+#define DBLOCK 4096UL
+#define DREGION (1UL << 20)
+#define DBLOCKS (DREGION / DBLOCK)
+#define DWORDS (DBLOCK / sizeof(uint64_t))
+#define DCHECK_MAX_REGIONS 64               /* check area: first half of the disk, <= 64 MiB */
+#define DFULL_EVERY 8                       /* every 8th round checks all regions written */
+#define DDIRTY_CHUNK (256UL << 10)          /* largest diskdirty write */
+#define DISK_MAGIC 0x31304b5349444c47ULL   /* "GLDISK01" */
 
 /* One write() per line so lines from the two processes never interleave mid-line. */
 static void say(const char *fmt, ...)
@@ -327,6 +371,247 @@ static void worker(double fill_pct, double dirty_mib, double memcheck_s)
     }
 }
 
+/* ------------------------------------------------------------------------ disk */
+
+struct disk {
+    int fd;
+    uint64_t size;
+    size_t nregions;             /* check area: regions 0..nregions-1 */
+    uint64_t dirty_off, dirty_end; /* diskdirty area */
+};
+
+/* The disk check's state: the round that last wrote each region (0 = never). */
+struct dcheck {
+    uint64_t key;
+    uint32_t round;
+    uint32_t *last;
+    uint64_t *wbuf, *rbuf; /* one region each, aligned for O_DIRECT */
+    size_t bad, lines;     /* this round's */
+};
+
+static uint64_t block_seed(uint64_t key, size_t r, size_t b, uint32_t k)
+{
+    uint64_t s = splitmix64(key ^ splitmix64(((uint64_t)r << 40) ^ ((uint64_t)b << 32) ^ k));
+    return s ? s : 1;
+}
+
+static void fill_block(uint64_t *p, uint64_t key, size_t r, size_t b, uint32_t k)
+{
+    uint64_t s = block_seed(key, r, b, k);
+    p[0] = DISK_MAGIC;
+    p[1] = (uint64_t)(uint32_t)r | (uint64_t)b << 32;
+    p[2] = k;
+    for (size_t w = 3; w < DWORDS; w++)
+        p[w] = xorshift64s(&s);
+}
+
+/* NULL if the block is block b of region r as round k wrote it, else why not. */
+static const char *check_block(const uint64_t *p, uint64_t key, size_t r, size_t b, uint32_t k,
+                               uint32_t *got)
+{
+    *got = (uint32_t)p[2];
+    if (p[0] != DISK_MAGIC)
+        return "magic";
+    if (p[1] != ((uint64_t)(uint32_t)r | (uint64_t)b << 32))
+        return "index";
+    if (p[2] != k)
+        return "round";
+    uint64_t s = block_seed(key, r, b, k);
+    for (size_t w = 3; w < DWORDS; w++)
+        if (p[w] != xorshift64s(&s))
+            return "content";
+    return NULL;
+}
+
+static void dfail(struct dcheck *c, size_t r, size_t b, uint32_t want, uint32_t got,
+                  const char *why, size_t nbad)
+{
+    c->bad += nbad;
+    if (c->lines++ < VERIFY_MAX_LINES)
+        say("DISKCHECK FAIL round=%u region=%zu block=%zu want_round=%u got_round=%u why=%s\n",
+            c->round, r, b, want, got, why);
+}
+
+/* pread/pwrite the whole length; returns the bytes done (short only on error or end). */
+static size_t dio(int fd, int wr, void *buf, size_t len, uint64_t off)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = wr ? pwrite(fd, (char *)buf + done, len - done, off + done)
+                       : pread(fd, (char *)buf + done, len - done, off + done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        done += n;
+    }
+    return done;
+}
+
+static void verify_region(struct disk *d, struct dcheck *c, size_t r)
+{
+    uint32_t want = c->last[r], got;
+    size_t n = dio(d->fd, 0, c->rbuf, DREGION, r * DREGION) / DBLOCK;
+    for (size_t b = 0; b < n; b++) {
+        const char *why = check_block(c->rbuf + b * DWORDS, c->key, r, b, want, &got);
+        if (why)
+            dfail(c, r, b, want, got, why, 1);
+    }
+    if (n < DBLOCKS)
+        dfail(c, r, n, want, 0, "io", DBLOCKS - n);
+}
+
+/* One round: write the next region, then check the previous round's region (or all). */
+static void disk_round(struct disk *d, struct dcheck *c)
+{
+    uint32_t k = ++c->round;
+    size_t r = (k - 1) % d->nregions, checked = 0;
+    c->bad = c->lines = 0;
+
+    for (size_t b = 0; b < DBLOCKS; b++)
+        fill_block(c->wbuf + b * DWORDS, c->key, r, b, k);
+    size_t n = dio(d->fd, 1, c->wbuf, DREGION, r * DREGION) / DBLOCK;
+    /* The table says what this round meant to write, so a failed write also fails later. */
+    c->last[r] = k;
+    if (n < DBLOCKS)
+        dfail(c, r, n, k, 0, "io", DBLOCKS - n);
+    else if (fdatasync(d->fd) != 0)
+        dfail(c, r, 0, k, 0, "io", DBLOCKS);
+
+    if (k % DFULL_EVERY == 0) {
+        for (size_t i = 0; i < d->nregions; i++)
+            if (c->last[i]) {
+                verify_region(d, c, i);
+                checked++;
+            }
+    } else if (k > 1) {
+        verify_region(d, c, (k - 2) % d->nregions);
+        checked++;
+    }
+    if (c->bad)
+        say("DISKCHECK FAIL round=%u bad=%zu\n", k, c->bad);
+    else
+        say("DISKCHECK OK round=%u regions=%zu\n", k, checked);
+}
+
+static void sleep_until(double t)
+{
+    double dt;
+    while ((dt = t - now_s()) > 0) {
+        struct timespec ts = {.tv_sec = (time_t)dt, .tv_nsec = (long)((dt - (time_t)dt) * 1e9)};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static void disk_check(struct disk *d, double period)
+{
+    struct dcheck c = {.key = seed(), .last = calloc(d->nregions, sizeof(uint32_t))};
+    if (!c.last || posix_memalign((void **)&c.wbuf, DBLOCK, DREGION) ||
+        posix_memalign((void **)&c.rbuf, DBLOCK, DREGION)) {
+        say("INFO diskcheck: out of memory\n");
+        sleep_forever();
+    }
+    say("INFO diskcheck every %g s over %zu MiB regions of %s (%lu MiB)\n", period, d->nregions,
+        DISK_DEV, (unsigned long)(d->size >> 20));
+    for (double next = now_s();; sleep_until(next)) {
+        next = now_s() + period;
+        disk_round(d, &c);
+    }
+}
+
+/* Rewrite the diskdirty area at rate_mib MiB/s, like the memory dirtier (10 ms slices). */
+static void disk_dirty(struct disk *d, double rate_mib)
+{
+    const double rate = rate_mib * MiB;
+    uint64_t *buf, s = seed(), pos = d->dirty_off;
+    if (posix_memalign((void **)&buf, DBLOCK, DDIRTY_CHUNK)) {
+        say("INFO diskdirty: out of memory\n");
+        sleep_forever();
+    }
+    say("INFO diskdirty %.1f MiB/s over %lu MiB of %s\n", rate_mib,
+        (unsigned long)((d->dirty_end - d->dirty_off) >> 20), DISK_DEV);
+    double base = now_s(), credited = 0, win_t = base, win_bytes = 0;
+    int failed = 0;
+    struct timespec next;
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    for (;;) {
+        double t = now_s(), allowed = (t - base) * rate;
+        if (allowed - credited > rate * DEBT_S)
+            credited = allowed - rate * DEBT_S;
+        double slice_end = t + SLICE_NS / 1e9;
+        while (credited + DBLOCK <= allowed && now_s() < slice_end) {
+            uint64_t len = (uint64_t)(allowed - credited) / DBLOCK * DBLOCK;
+            if (len > DDIRTY_CHUNK)
+                len = DDIRTY_CHUNK;
+            if (len > d->dirty_end - pos)
+                len = d->dirty_end - pos;
+            for (size_t w = 0; w < len / sizeof(uint64_t); w++)
+                buf[w] = xorshift64s(&s);
+            size_t n = dio(d->fd, 1, buf, len, pos);
+            if (n < len && !failed++)
+                say("INFO diskdirty: write at %lu failed: %s\n", (unsigned long)pos,
+                    strerror(errno));
+            pos = pos + len < d->dirty_end ? pos + len : d->dirty_off;
+            credited += len;
+            win_bytes += n;
+        }
+        t = now_s();
+        if (t - win_t >= REPORT_S) {
+            say("DISKDIRTY %.1f\n", win_bytes / MiB / (t - win_t));
+            win_t = t;
+            win_bytes = 0;
+        }
+        ts_add_ns(&next, SLICE_NS);
+        struct timespec cur;
+        clock_gettime(CLOCK_MONOTONIC, &cur);
+        if (ts_before(&next, &cur))
+            next = cur;
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+    }
+}
+
+/* The disk process: open /dev/vda, then the check here and the dirtier in a child. */
+static void disk_worker(double check_s, double dirty_mib)
+{
+    setpriority(PRIO_PROCESS, 0, 19);
+    struct disk d = {.fd = -1};
+    double until = now_s() + DISK_WAIT_S;
+    for (;;) {
+        int loaded = access(MODULES_DONE, F_OK) == 0; /* before the open: no race with /init */
+        d.fd = open(DISK_DEV, O_RDWR | O_DIRECT | O_CLOEXEC);
+        if (d.fd >= 0 || errno != ENOENT || loaded || now_s() >= until)
+            break;
+        usleep(20000);
+    }
+    if (d.fd < 0)
+        say("INFO %s: %s\n", DISK_DEV, strerror(errno));
+    else if (ioctl(d.fd, BLKGETSIZE64, &d.size) != 0 || d.size < 2 * DREGION)
+        say("INFO %s: %lu bytes, at least 2 MiB needed\n", DISK_DEV, (unsigned long)d.size);
+    else
+        d.nregions = d.size / 2 / DREGION;
+    if (!d.nregions) {
+        say("DISKCHECK FAIL no disk\n");
+        sleep_forever();
+    }
+    if (d.nregions > DCHECK_MAX_REGIONS)
+        d.nregions = DCHECK_MAX_REGIONS;
+    d.dirty_off = d.nregions * DREGION;
+    d.dirty_end = d.size & ~(DBLOCK - 1);
+
+    if (dirty_mib > 0 && check_s <= 0)
+        disk_dirty(&d, dirty_mib);
+    if (dirty_mib > 0) {
+        pid_t p = fork(); /* the check and the dirtier each at their own pace */
+        if (p == 0)
+            disk_dirty(&d, dirty_mib);
+        if (p < 0)
+            say("INFO fork failed: %s\n", strerror(errno));
+    }
+    if (check_s > 0)
+        disk_check(&d, check_s);
+    sleep_forever();
+}
+
 static double arg_num(const char *s, const char *what)
 {
     char *end;
@@ -364,6 +649,7 @@ int main(int argc, char **argv)
     double fill = argc > 1 ? arg_num(argv[1], "fill") : 0;
     double dirty = argc > 2 ? arg_num(argv[2], "dirty") : 0;
     double memcheck = cmdline_num("memcheck");
+    double diskcheck = cmdline_num("diskcheck"), diskdirty = cmdline_num("diskdirty");
     if (fill > 95) {
         say("INFO fill %.0f%% capped at 95%%\n", fill);
         fill = 95;
@@ -391,6 +677,15 @@ int main(int argc, char **argv)
             _exit(0);
         }
         if (child < 0)
+            say("INFO fork failed: %s\n", strerror(errno));
+    }
+    if (diskcheck > 0 || diskdirty > 0) {
+        pid_t p = fork();
+        if (p == 0) {
+            disk_worker(diskcheck, diskdirty);
+            _exit(0);
+        }
+        if (p < 0)
             say("INFO fork failed: %s\n", strerror(errno));
     }
 

@@ -1,7 +1,9 @@
 """The QEMU shadow: the same VM, started paused on the shadow image, waiting for a switch.
 
 Its guest RAM is the shadow store's ``ram0.img`` (``memory-backend-file,share=on``), which the
-receiver keeps writing while QEMU sits in ``-incoming defer -S``. At switch time it loads the
+receiver keeps writing while QEMU sits in ``-incoming defer -S``; its disks are this host's
+copies (:mod:`.disks`), which QEMU holds inactive (unlocked, nothing cached that matters) until
+the switch, while the receiver's ``qemu-nbd`` writes them. At switch time it loads the
 device state (``x-ignore-shared``: RAM is already there) and is resumed only on commit.
 
 The VM definition comes from this host's config: every file QEMU opens is named there (or is
@@ -13,6 +15,7 @@ contradicts the config (:mod:`.vmcheck`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -37,10 +40,7 @@ def parse_description(raw: bytes) -> dict[str, Any]:
 
 def _reachable(path: Path) -> None:
     if not os.access(path, os.R_OK | os.W_OK):
-        raise DomainError(
-            f"disk {path} is not reachable read-write from this host; until disk "
-            "replication exists, disks must live on storage both hosts reach at the "
-            "same path")
+        raise DomainError(f"disk copy {path} is not readable and writable here")
 
 
 class QemuShadow(Shadow):
@@ -64,14 +64,16 @@ class QemuShadow(Shadow):
             raise DomainError("the shadow store has no ram0 region yet; wait for replication")
         region = store.regions[RAM_BACKEND_ID]
         values = vmcheck.peer_values(q, desc, region.info.size)
-        for disk in q.disks:
-            _reachable(disk.path)       # before probing its format: the clearer message
+        copies = self.receiver.disks
+        vmcheck.check_disks(len(copies.copies), desc.get("disks"))
+        # The disks are this host's copies (created and kept by the receiver), never the
+        # source's paths.
         try:
-            spec = spec_from_config(self.cfg.domain.name, q, region.path, self.serial_log,
-                                    values)
+            spec = spec_from_config(self.cfg.domain.name, dataclasses.replace(q, disks=()),
+                                    region.path, self.serial_log, values)
+            spec = dataclasses.replace(spec, disks=copies.specs())
         except QemuError as exc:
             raise DomainError(f"cannot describe the shadow VM: {exc}") from None
-        vmcheck.check_disks([(d.path, d.format) for d in spec.disks], desc.get("disks"))
         return spec
 
     @staticmethod

@@ -25,6 +25,7 @@ from ..metrics import Metrics
 from ..wire import messages as m
 from ..wire.pages import decode_batch
 from .admission import Admission
+from .disks import DiskCopies
 from .store import ShadowStore
 from .vmcheck import check_offer
 
@@ -71,6 +72,8 @@ class SinkReceiver:
         self._ssl = self.identity.server_context() if self.identity is not None else None
         self.admission = Admission(cfg.peer.max_unauthenticated,
                                    cfg.peer.max_unauthenticated_per_address, self.metrics)
+        #: This host's copies of the source's disks (opened when the source offers disks).
+        self.disks = DiskCopies(cfg, self.root, self.metrics)
 
     # --- server --------------------------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class SinkReceiver:
         if self.store is not None:
             self.store.close(clean=True)
             self.store = None
+        await self.disks.close()
 
     async def _authenticated(self, conn: socket.socket) -> Link | None:
         """The connection once it is TLS and proved the paired source's ID, within
@@ -314,6 +318,18 @@ class SinkReceiver:
                 await asyncio.to_thread(store.commit_epoch, msg.epoch)
                 self.metrics.acked_epoch.set(msg.epoch)
                 await link.send(m.Ack(msg.epoch))
+            elif isinstance(msg, m.DiskBatch):
+                await self.disks.apply(msg)
+            elif isinstance(msg, m.DiskRoundEnd):
+                await self.disks.end_round(msg.generation)
+                await link.send(m.DiskAck(msg.generation))
+            elif isinstance(msg, m.DiskOpen):
+                try:
+                    await self.disks.open(msg.disks)
+                except LayoutMismatch as exc:
+                    await _reject(link, str(exc))
+                    raise
+                await self.disks.send_manifests(link)
             elif isinstance(msg, m.Ping):
                 await link.send(m.Pong(msg.nonce))
             elif isinstance(msg, m.VerifyRequest):
@@ -323,8 +339,7 @@ class SinkReceiver:
             elif self.precopy_handler is not None and isinstance(
                     msg, (m.PrecopyStart, m.PrecopyData, m.SwitchRelease)):
                 await self.precopy_handler(msg, link)
-            elif self.switch_handler is not None and type(msg).__name__.startswith(
-                    ("Switch", "DeviceState")):
+            elif self.switch_handler is not None and isinstance(msg, _SWITCH_MESSAGES):
                 await self.switch_handler(msg, link)
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from the source")
@@ -333,6 +348,10 @@ class SinkReceiver:
         decoded = decode_batch(batch, npages)      # verifies every page before any write
         assert self.store is not None
         return self.store.write_batch(batch.region, batch.epoch, decoded)
+
+
+_SWITCH_MESSAGES = (m.SwitchPrepare, m.SwitchVerify, m.SwitchDisks, m.DeviceState,
+                    m.SwitchCommit, m.SwitchAbort, m.SwitchResult, m.SwitchReady)
 
 
 def _abort(writer: asyncio.StreamWriter | None, conn: socket.socket) -> None:

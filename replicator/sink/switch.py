@@ -76,7 +76,7 @@ class NullShadow(Shadow):
 
 
 _STEPS = {m.SwitchPrepare: "prepare", m.SwitchVerify: "verify", m.DeviceState: "device",
-          m.SwitchCommit: "commit"}
+          m.SwitchCommit: "commit", m.SwitchDisks: "disks"}
 
 
 class SinkSwitch:
@@ -87,6 +87,7 @@ class SinkSwitch:
         self.shadow = shadow
         self.switch_id = ""
         self.verified = False
+        self.disks_verified = False
         self.loaded = False
         self.committed = False
         self.last_result: dict[str, Any] | None = None
@@ -98,7 +99,7 @@ class SinkSwitch:
 
     def _reset(self) -> None:
         self.switch_id = ""
-        self.verified = self.loaded = False
+        self.verified = self.loaded = self.disks_verified = False
         self._chunks.clear()
         self._size = 0
 
@@ -133,6 +134,13 @@ class SinkSwitch:
                     return
                 self.verified = True
                 await self._answer(link, "verify", True)
+            elif isinstance(msg, m.SwitchDisks):
+                # Every copy equals the source's disk; its writer stops so the shadow (which
+                # activates the copies when it loads the device state) is their only user.
+                await self.receiver.disks.verify_and_release(msg.digests)
+                self.disks_verified = True
+                await checkpoint("sink-disks-released")
+                await self._answer(link, "disks", True)
             elif isinstance(msg, m.DeviceState):
                 if not self.verified:
                     await self._answer(link, "device", False, "shadow not verified")
@@ -153,6 +161,9 @@ class SinkSwitch:
                     await self._answer(link, "commit", False,
                                        "shadow not verified or device state not loaded")
                     return
+                if self.receiver.disks.opened and not self.disks_verified:
+                    await self._answer(link, "commit", False, "disk copies not verified")
+                    return
                 # Persist first: from here on this host owns the domain, even across restarts.
                 store.set_handed_over(True)
                 self.committed = True
@@ -166,20 +177,25 @@ class SinkSwitch:
                 await self._answer(link, "commit", True, resumed_at=resumed_at)
             elif isinstance(msg, m.SwitchAbort):
                 log.warning("switch %s aborted by the source: %s", msg.switch_id, msg.reason)
-                await self.shadow.abort()
-                self._reset()
-                self.aborts += 1
+                await self._abandon()
         except ReplicatorError as exc:
             # Answer in the step's own name: the source matches answers by step.
             step = _STEPS.get(type(msg), type(msg).__name__)
             if not self.committed:
                 await self.shadow.abort()
+                await self.receiver.disks.resume()
             await self._answer(link, step, False, str(exc))
+
+    async def _abandon(self) -> None:
+        """A switch that will not commit: the shadow waits again, the copies are written
+        again (they are shadows, never used by a VM that ran)."""
+        await self.shadow.abort()
+        await self.receiver.disks.resume()
+        self._reset()
+        self.aborts += 1
 
     async def on_disconnect(self) -> None:
         if self.switch_id and not self.committed:
             log.warning("switch %s: source lost before commit; shadow stays paused",
                         self.switch_id)
-            await self.shadow.abort()
-            self._reset()
-            self.aborts += 1
+            await self._abandon()

@@ -10,7 +10,6 @@ values named (:class:`~replicator.errors.LayoutMismatch`), at the Hello already 
 
 from __future__ import annotations
 
-import os
 import uuid as uuid_mod
 from collections.abc import Sequence
 from typing import Any
@@ -116,22 +115,15 @@ def peer_values(q: QemuConfig, desc: dict[str, Any], ram_bytes: int) -> dict[str
     return out
 
 
-def check_disks(ours: Sequence[tuple[os.PathLike[str] | str, str | None]],
-                reported: Sequence[DiskInfo] | None) -> None:
-    """Compare this laptop's disks ``(path, format or None if not known yet)`` with those the
-    source's QEMU reports: the same paths, and each disk in the same format."""
+def check_disks(copies: int, reported: Sequence[DiskInfo] | None) -> None:
+    """The source's QEMU must have as many disks as this laptop keeps copies of (the copies are
+    matched by position; their paths are this host's own)."""
     if reported is None:
-        return                                  # the source did not say: our config decides
-    mine = {os.path.normpath(str(p)): f for p, f in ours}
-    theirs = {os.path.normpath(d.path): d.format for d in reported}
-    if sorted(mine) != sorted(theirs):
-        raise _mismatch("disks", sorted(theirs) or "none", sorted(mine) or "none",
-                        "domain.qemu.disks")
-    for path, fmt in mine.items():
-        if fmt and theirs[path] and fmt != theirs[path]:
-            raise LayoutMismatch(
-                f"disk {path}: the source's QEMU has it open as {theirs[path]}, this laptop "
-                f"would open it as {fmt} (domain.qemu.disks); refusing rather than corrupting it")
+        return                                  # the source did not say
+    if len(reported) != copies:
+        raise LayoutMismatch(f"disks: the source's QEMU has {len(reported)} disk(s), this "
+                             f"laptop holds {copies} cop{'y' if copies == 1 else 'ies'} "
+                             "(they come with the source's DiskOpen)")
 
 
 def check_offer(cfg: Config, hello: m.Hello) -> None:
@@ -151,5 +143,9 @@ def check_offer(cfg: Config, hello: m.Hello) -> None:
                              f"offers {names}")
     desc = parse_description(hello.vm)
     peer_values(d.qemu, desc, hello.regions[0].size)
-    check_disks([(disk.path, None if disk.format == "auto" else disk.format)
-                 for disk in d.qemu.disks], desc.get("disks"))
+    reported = desc.get("disks")
+    if reported is not None and d.qemu.disks and len(d.qemu.disks) != len(reported):
+        raise LayoutMismatch(
+            f"disks: the source's QEMU has {len(reported)} disk(s), this laptop's "
+            f"domain.qemu.disks lists {len(d.qemu.disks)} copies (one per disk, in order; or "
+            "none, to keep them in the state directory)")

@@ -65,8 +65,8 @@ class PrecopyReplicator(SourceReplicator):
     """Relays a held-open QEMU precopy migration to the sink."""
 
     def __init__(self, cfg: Config, driver: Any, regions: list[Region],
-                 metrics: Metrics | None = None):
-        super().__init__(cfg, driver, regions, PrecopyTracker(), metrics)
+                 metrics: Metrics | None = None, disks: Any = None):
+        super().__init__(cfg, driver, regions, PrecopyTracker(), metrics, disks=disks)
         self.sock_path = Path(cfg.node.state_dir) / cfg.domain.name / "precopy.sock"
         self.session_no = 0
         self.pacing = "idle"
@@ -131,7 +131,7 @@ class PrecopyReplicator(SourceReplicator):
             self._session_tasks += [
                 asyncio.create_task(self._pump(link, sid), name="precopy-pump"),
                 asyncio.create_task(self._poll_qemu(), name="precopy-poll"),
-            ]
+            ] + self._disk_tasks(link)
             await self._run_tasks()
         finally:
             await self._stop_migration()
@@ -148,7 +148,10 @@ class PrecopyReplicator(SourceReplicator):
             listener.setblocking(False)
             # auto-converge can only be switched on before a migration starts.
             await self.throttle.arm()
-            await self.driver.proc.start_precopy(f"unix:{self.sock_path}")
+            # With disks, QEMU waits in pre-switchover (guest stopped, disks still active) so
+            # the switch can send the last disk delta before QEMU inactivates them.
+            await self.driver.proc.start_precopy(f"unix:{self.sock_path}",
+                                                 pause_before_switchover=self.disks is not None)
             loop = asyncio.get_running_loop()
             conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 30)
         finally:
@@ -366,6 +369,7 @@ class PrecopySwitcher(Switcher):
             # Once the ACK is out QEMU pauses the guest as soon as what is left fits its
             # downtime-limit: never longer than our target (stop mode pauses at once).
             await self.throttle.set_downtime_limit(self.target_downtime)
+        await self._catch_up_disks(report)
         mark = proc.event_mark()
         rep.switching.set()                       # drain QEMU's socket continuously
         await checkpoint("source-before-pause")
@@ -388,6 +392,13 @@ class PrecopySwitcher(Switcher):
             before = records()
             ctx.wall_pause = stop.qemu_wall or stop.wall
             ctx.t_pause = stop.monotonic
+        if rep.disks is not None:
+            # QEMU waits in pre-switchover with the guest stopped and its disks still active:
+            # the last disk delta goes now, then QEMU may inactivate them and complete.
+            await self._await_migration_status(report, "pre-switchover")
+            await self._hand_over_disks(report)
+            await proc.execute("migrate-continue", {"state": "pre-switchover"})
+            report.phase = "final-delta"
         # The guest is paused: QEMU sends what is left, then the device state.
         remaining = int((await proc.query_migrate()).get("ram", {}).get("remaining") or 0)
         await self._expect_within(report, "loaded", self._drain_timeout(remaining))
@@ -411,6 +422,18 @@ class PrecopySwitcher(Switcher):
                                                 (digest_hashes(shipped),)), "verify")
         report.shadow_verified = True
         await checkpoint("source-device-sent")
+
+    async def _await_migration_status(self, report: SwitchReport, status: str) -> None:
+        proc = self.driver.proc
+        deadline = time.monotonic() + self.step_timeout
+        while (info := await proc.query_migrate()).get("status") != status:
+            if info.get("status") in ("failed", "cancelled", "completed", "none"):
+                raise SwitchError(f"source QEMU's migration ended {info.get('status')!r} "
+                                  f"before {status}: {info.get('error-desc', '')}")
+            if time.monotonic() > deadline:
+                raise SwitchError(f"source QEMU's migration did not reach {status} within "
+                                  f"{self.step_timeout:g}s")
+            await asyncio.sleep(0.001)
 
     async def _converge(self, report: SwitchReport, ctx: _Progress, mark: int,
                         dl: Deadlines) -> QmpEvent:

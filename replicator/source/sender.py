@@ -48,8 +48,10 @@ class SourceReplicator:
 
     def __init__(self, cfg: Config, driver: DomainDriver, regions: list[Region],
                  tracker: DirtyTracker, metrics: Metrics | None = None,
-                 connect: Callable[[], Any] | None = None):
+                 connect: Callable[[], Any] | None = None, disks: Any = None):
         self.cfg = cfg
+        #: The domain's disks (:class:`~replicator.source.disks.DiskReplicator`), or None.
+        self.disks = disks
         self.driver = driver
         self.regions = regions
         self.tracker = tracker
@@ -169,6 +171,8 @@ class SourceReplicator:
     async def _end_session(self, link: Link) -> None:
         self.connected.clear()
         self.metrics.peer_connected.set(0)
+        if self.disks is not None:
+            self.disks.end_session()
         for t in self._session_tasks:
             t.cancel()
         for t in self._session_tasks:
@@ -230,8 +234,10 @@ class SourceReplicator:
         self.metrics.acked_epoch.set(reply.acked_epoch)
 
     async def _open_session(self, link: Link) -> None:
-        """Authenticate, exchange manifests, and mark the link up."""
+        """Authenticate, exchange manifests (RAM, then disks), and mark the link up."""
         await self._handshake(link)
+        if self.disks is not None:
+            await self.disks.open_session(link, self.cfg.peer.timeout)
         self.link = link
         self.last_error = ""
         self.connected.set()
@@ -253,8 +259,13 @@ class SourceReplicator:
             asyncio.create_task(self._send_loop(link), name="sender"),
             asyncio.create_task(self._recv_loop(link), name="receiver"),
             asyncio.create_task(self._ping_loop(link), name="pinger"),
-        ]
+        ] + self._disk_tasks(link)
         await self._run_tasks()
+
+    def _disk_tasks(self, link: Link) -> list[asyncio.Task]:
+        if self.disks is None:
+            return []
+        return [asyncio.create_task(self.disks.run(link), name="disks")]
 
     # --- scanning ----------------------------------------------------------------------------
 
@@ -382,6 +393,9 @@ class SourceReplicator:
                 msg = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
             except asyncio.TimeoutError:
                 raise PeerError(f"no word from the sink for {self.cfg.peer.timeout:g}s") from None
+            if isinstance(msg, m.DiskAck) and self.disks is not None:
+                await self.disks.on_ack(msg.generation)
+                continue
             if await self._on_message(msg):
                 continue
             if isinstance(msg, m.Pong):
@@ -473,8 +487,21 @@ class SourceReplicator:
         mt.lag_seconds.set(snap.lag_seconds)
         mt.dirty_rate.set(snap.dirty_rate)
         mt.throughput.set(snap.throughput)
-        mt.switch_estimate.set(snap.switch_estimate)
-        mt.in_sync.set(1 if snap.in_sync else 0)
+        mt.switch_estimate.set(snap.switch_estimate + self.disk_estimate())
+        mt.in_sync.set(1 if snap.in_sync and self.disks_in_sync() else 0)
+
+    def disk_estimate(self) -> float:
+        """What the disks add to a switch started now: their unsent bytes on the link (a
+        round's QMP and NBD work is a few ms, inside the RAM estimate's margin)."""
+        if self.disks is None:
+            return 0.0
+        return self.disks.lag_bytes / (self.ledger.link_rate or 100e6)
+
+    def disks_in_sync(self) -> bool:
+        """Every disk copy complete and its oldest unsent write at most a round or two old."""
+        if self.disks is None:
+            return True
+        return self.connected.is_set() and self.disks.in_sync()
 
     async def close(self) -> None:
         for fd in self._fds.values():

@@ -2,11 +2,14 @@
 
 Protocol (the sink's half is ``replicator.sink.switch``)::
 
-    prepare   SwitchPrepare -> SwitchReady        shadow up, disks reachable
-    catch-up  (live mode) sync rounds while running until the final delta is small
+    prepare   SwitchPrepare -> SwitchReady        shadow up, disk copies complete
+    catch-up  (live mode) sync rounds while running until the final delta is small; one disk
+              round
     pause     driver.pause()                       downtime starts
     delta     sync(): last round sent and durable on the sink
     verify    SwitchVerify(digests) -> ok          every page of the shadow equals the source's
+    disks     last disk round acked; SwitchDisks(digests) -> ok: every copy equals the disk,
+              the sink stops writing the copies
     device    DeviceState* -> ok                   shadow loaded the device state, still paused
     commit    SwitchCommit -> ok                   sink persisted "running here", then cont
     fence     handed_over persisted here           this host never resumes the domain itself
@@ -59,6 +62,8 @@ class SwitchReport:
     final_delta_bytes: int = 0
     device_state_bytes: int = 0
     shadow_verified: bool = False
+    disk_final_delta_bytes: int = 0      # disk blocks sent while paused (zero blocks counted)
+    disks_verified: bool = False         # every disk copy's digest matched (no disks: False)
     peer: str = ""
     # How it ended: "live" (converged), "throttled" (converged once QEMU slowed the guest) or
     # "stopped" (paused to send the rest: stop mode, or a live switch past its deadlines).
@@ -246,6 +251,8 @@ class Switcher:
             self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
                              "mode": report.mode, "state": "switching", "at": time.time(),
                              "was_running": await self.driver.is_running()})
+            if rep.disks is not None and (why := rep.disks.ready()):
+                raise SwitchError(f"not ready: {why}")
             await self._step(report, m.SwitchPrepare(report.switch_id, report.mode), "prepare")
             await self._hand_over_memory(report, ctx)
             await self._commit(report, ctx)
@@ -265,6 +272,8 @@ class Switcher:
                 raise SwitchError(f"commit outcome unknown ({reason}); domain paused here "
                                   "until the sink is reachable", rolled_back=False) from None
             await self._rollback(report, ctx.paused, reason)
+            if rep.disks is not None:
+                rep.disks.release()
             if self.interrupted:
                 self.state.clear()
             raise SwitchError(f"switch failed at {report.phase}: {reason}; the domain runs "
@@ -310,6 +319,7 @@ class Switcher:
                 if predicted <= self.target_downtime + snap.round_seconds:
                     report.path = "throttled" if throttled else "live"
                     break
+        await self._catch_up_disks(report)
         await checkpoint("source-before-pause")
         report.phase = "pause"
         ctx.t_pause = time.monotonic()
@@ -328,6 +338,7 @@ class Switcher:
         await self._step(report, m.SwitchVerify(report.switch_id, rep.ledger.acked_epoch,
                                                 digests), "verify")
         report.shadow_verified = True
+        await self._hand_over_disks(report)
         report.phase = "device-state"
         data = await self.driver.save_device_state()
         report.device_state_bytes = len(data)
@@ -340,6 +351,40 @@ class Switcher:
                                           off + DEVICE_CHUNK >= len(data)))
         await self._expect(report, "device")
         await checkpoint("source-device-sent")
+
+    async def _catch_up_disks(self, report: SwitchReport) -> None:
+        """Before the pause: stop the periodic disk rounds and (live) run one acknowledged
+        round while the guest runs, so the paused one carries only the last moment's writes."""
+        disks = self.rep.disks
+        if disks is None:
+            return
+        disks.hold()
+        if report.mode == "live":
+            link = self.rep.link
+            if link is None:
+                raise PeerError("link to the sink lost before the disk catch-up")
+            report.phase = "disk-catch-up"
+            await disks.sync(link, self._drain_timeout(disks.lag_bytes))
+
+    async def _hand_over_disks(self, report: SwitchReport) -> None:
+        """Guest paused (its writes drained): the last disk round, acknowledged; our exports
+        removed (QEMU must not inactivate an exported disk); then the sink compares each copy's
+        digest with ours and stops writing its copies, so the shadow can open them."""
+        disks = self.rep.disks
+        if disks is None:
+            return
+        report.phase = "disk-delta"
+        link = self.rep.link
+        if link is None:
+            raise PeerError("link to the sink lost before the last disk round")
+        disks.hold()
+        report.disk_final_delta_bytes = await disks.sync(
+            link, self._drain_timeout(disks.lag_bytes))
+        await checkpoint("source-disk-delta")
+        await disks.quiesce()
+        report.phase = "disk-verify"
+        await self._step(report, m.SwitchDisks(report.switch_id, disks.digests()), "disks")
+        report.disks_verified = True
 
     def _deadlines(self, report: SwitchReport) -> Deadlines:
         """This live switch's deadlines, from the estimate when it was requested."""

@@ -17,7 +17,7 @@ raw disk's is gone: the disk then needs a full hash compare (:class:`Recovery`).
 **QEMU 10 aborts** (``bdrv_release_dirty_bitmap_locked: Assertion
 !bdrv_dirty_bitmap_busy``) when a node with an exported persistent bitmap is inactivated:
 call :meth:`~DirtyTracking.unexport_all` and let it return before migration completes or
-device state is saved. Building block for disk replication (issue 11), not wired in yet.
+device state is saved. Used by :mod:`replicator.source.disks`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import os
 import re
+import secrets
 import time
 from typing import Any
 
@@ -73,6 +74,9 @@ class Recovery:
     full_compare: bool
     """True when writes may have gone unrecorded: the disk needs a full hash compare."""
     reason: str
+    oldest: int = 0
+    """The oldest generation whose writes the new bitmap still holds (merged in); writes of
+    that generation and later are known. Equals ``generation`` on a fresh start."""
 
 
 def _desc(exc: QemuError) -> str:
@@ -301,7 +305,10 @@ class DirtyTracking:
         await self.unexport_all()
         current = await self.bitmaps()
         disks = {d.node: d for d in await self.disks()}
-        gen = 1 + max((b.generation for bms in current.values() for b in bms), default=0)
+        known = [b.generation for bms in current.values() for b in bms]
+        # A fresh lineage starts at a random generation: a peer that holds a generation of an
+        # earlier lineage (another image, bitmaps lost) cannot mistake it for one of ours.
+        gen = 1 + max(known) if known else secrets.randbelow(1 << 40) + 1
         actions: list[dict[str, Any]] = []
         out: list[Recovery] = []
         for node, bms in current.items():
@@ -325,7 +332,8 @@ class DirtyTracking:
                 actions += [{"type": "block-dirty-bitmap-remove",
                              "data": {"node": node, "name": name}} for name in names]
                 reason = f"merged {', '.join(names)}"
-            out.append(Recovery(node=node, generation=gen, full_compare=not bms, reason=reason))
+            out.append(Recovery(node=node, generation=gen, full_compare=not bms, reason=reason,
+                                oldest=min((b.generation for b in bms), default=gen)))
         if actions:
             try:
                 await self.proc.execute("transaction", {"actions": actions})

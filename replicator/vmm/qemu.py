@@ -748,17 +748,19 @@ class QemuProcess:
         })
         return wanted
 
-    async def start_precopy(self, uri: str) -> None:
+    async def start_precopy(self, uri: str, *, pause_before_switchover: bool = False) -> None:
         """Source: start the held-open precopy migration to ``uri`` (``unix:/path``).
 
         The replicator relays the stream; QEMU completes only when the shadow's SWITCHOVER_ACK is
         released (or the VM is stopped). ``max-bandwidth`` is lifted: the relay paces QEMU by
-        how fast it drains the socket.
+        how fast it drains the socket. ``pause_before_switchover``: once the guest is stopped
+        QEMU waits in ``pre-switchover`` (disks still active) for ``migrate-continue``.
         """
         current = (await self.execute("query-migrate")).get("status")
         if current in _MIGRATION_ACTIVE:
             raise QemuError(f"QEMU {self.name} already has a migration in state {current!r}")
-        await self.set_migrate_capabilities(PRECOPY_CAPABILITIES)
+        await self.set_migrate_capabilities(
+            {**PRECOPY_CAPABILITIES, "pause-before-switchover": pause_before_switchover})
         await self.execute("migrate-set-parameters", {"max-bandwidth": 0})
         self._save_prepared = False
         await self.execute("migrate", {"uri": uri})

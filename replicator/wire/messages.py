@@ -14,6 +14,9 @@ Conversation (source connects, sink listens; TLS 1.3 with pinned IDs, see ``iden
     source -> PageBatch* EpochEnd   repeated; each EpochEnd is answered by Ack once durable
     either -> Ping / Pong           liveness and round-trip time
     source -> VerifyRequest         sink answers VerifyReply with a digest of its manifest
+    source -> DiskOpen              the domain's disks (after the manifest exchange, if any)
+    sink   -> DiskManifest* DiskOpened   its copies' block hashes and acknowledged generations
+    source -> DiskBatch* DiskRoundEnd    changed blocks of one round; answered by DiskAck
     switch messages: see replicator.source.switch / replicator.sink.switch
 """
 
@@ -273,9 +276,84 @@ class SwitchRelease:
     switch_id: str
 
 
+# --- disks ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class DiskInfo:
+    """One disk of the domain as the guest sees it: virtual size and replication block size."""
+    index: int
+    size: int
+    format: str
+    block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiskOpen:
+    """Source -> sink: the domain's disks, in the order the guest sees them."""
+    TYPE: ClassVar[int] = 50
+    disks: tuple[DiskInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskManifest:
+    """Part of the sink's block-hash table of one disk's copy (uint64 LE array)."""
+    TYPE: ClassVar[int] = 51
+    disk: int
+    first_block: int
+    hashes: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DiskOpened:
+    """Sink -> source, after the manifests: per disk, the generation the copy holds
+    everything up to (0: unknown, the source must compare every block)."""
+    TYPE: ClassVar[int] = 52
+    generations: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DiskBatch:
+    """Changed blocks of one disk, like :class:`PageBatch`: ``zero`` (uint32 block indices,
+    no payload), ``blocks`` + ``hashes`` (xxh3-64) + ``payload`` (compressed with ``codec``
+    into ``raw_len`` bytes)."""
+    TYPE: ClassVar[int] = 53
+    generation: int
+    disk: int
+    codec: str
+    zero: bytes
+    blocks: bytes
+    hashes: bytes
+    raw_len: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DiskRoundEnd:
+    """Every block of round ``generation`` is sent; the sink flushes and answers DiskAck."""
+    TYPE: ClassVar[int] = 54
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiskAck:
+    """The sink made every block up to round ``generation`` durable."""
+    TYPE: ClassVar[int] = 55
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class SwitchDisks:
+    """The source is paused and its last disk round acknowledged: compare each copy's
+    block-hash digest; the sink then stops writing the copies (the shadow may open them)."""
+    TYPE: ClassVar[int] = 27
+    switch_id: str
+    digests: tuple[bytes, ...]
+
+
 MESSAGE_TYPES: tuple[type, ...] = (
     Hello, Welcome, Reject, ManifestChunk, ManifestEnd, PageBatch, EpochEnd, Ack, Ping, Pong,
     VerifyRequest, VerifyReply, ErrorMessage, SwitchPrepare, SwitchReady, SwitchVerify,
     DeviceState, SwitchCommit, SwitchResult, SwitchAbort, AuthChallenge, AuthProof,
     PrecopyStart, PrecopyReady, PrecopyData, PrecopyReturn, SwitchRelease,
+    DiskOpen, DiskManifest, DiskOpened, DiskBatch, DiskRoundEnd, DiskAck, SwitchDisks,
 )

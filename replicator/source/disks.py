@@ -1,0 +1,431 @@
+"""Disk replication, source side: pull rounds of changed blocks from the running QEMU.
+
+Each round (:meth:`DiskReplicator.round`): rotate the disks' dirty bitmaps in one QMP
+transaction (:class:`~replicator.vmm.bitmaps.DirtyTracking`), export each disk read-only over
+QEMU's NBD server with the frozen bitmap, read the dirty extents (NBD block status, then READ)
+on a unix socket of this host, hash every block and send only those whose hash differs from
+what the sink holds (its manifest, then what we sent), end the round with ``DiskRoundEnd``;
+once the sink made it durable (``DiskAck``) the frozen bitmap is dropped. A round not
+acknowledged is folded into the next rotation, so a lost link loses nothing.
+
+When the bitmaps cannot say what changed since the sink's copy was last complete (first copy,
+bitmaps lost with an unclean QEMU exit, a raw disk after a QEMU restart, a copy of another
+lineage), the round compares every block instead: it reads what ``base:allocation`` does not
+report as zero, so holes cost nothing, and still sends only blocks whose hash differs.
+
+Disk traffic stays on this host: QEMU's NBD server listens on a 0600 unix socket in a 0700
+directory; blocks reach the peer only inside the authenticated replication link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import Config
+from ..errors import PeerError, ProtocolError, QemuError
+from ..link import Link
+from ..metrics import Metrics
+from ..vmm.bitmaps import DirtyTracking, start_nbd_server
+from ..vmm.blockio import ALLOCATION, read_blocks, runs, touched
+from ..vmm.nbd import STATE_DIRTY, STATE_ZERO, NbdClient
+from ..vmm.qemu import QemuProcess
+from ..wire import messages as m
+from ..wire.blocks import (BLOCK_SIZE, MAX_BATCH_BLOCKS, MAX_DISK_BYTES, ZERO_BLOCK_HASH,
+                           block_count, digest, encode_blocks, hash_blocks)
+from ..wire.codec import encode
+from ..wire.pages import Compressor
+
+log = logging.getLogger(__name__)
+
+BITMAP_PREFIX = "replicator"
+#: How long the sink may take to make a round durable (a first copy's flush can be long).
+ACK_TIMEOUT = 300.0
+
+
+@dataclasses.dataclass
+class DiskLag:
+    """One disk's figures for status and metrics."""
+    index: int
+    node: str
+    path: str
+    format: str
+    size: int
+    lag_bytes: int = 0
+    lag_seconds: float = 0.0
+    copy: str = "unknown"            # initial | compare | streaming
+    progress: float = 0.0            # of the running full compare
+    sent_raw: int = 0
+    sent_wire: int = 0
+    acked_generation: int = 0
+
+    @property
+    def lag_blocks(self) -> int:
+        return -(-self.lag_bytes // BLOCK_SIZE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "node": self.node, "path": self.path,
+                "format": self.format, "size_bytes": self.size,
+                "lag": {"bytes": self.lag_bytes, "blocks": self.lag_blocks,
+                        "seconds": self.lag_seconds},
+                "copy": self.copy, "progress": self.progress,
+                "sent_bytes": {"raw": self.sent_raw, "wire": self.sent_wire},
+                "acked_generation": self.acked_generation}
+
+
+@dataclasses.dataclass
+class _Disk:
+    info: DiskLag
+    nblocks: int
+    shipped: np.ndarray              # what the sink holds (its manifest, then what we sent)
+    full: bool = True                # the next round compares every block
+
+
+class DiskReplicator:
+    """Replicates every disk of one QEMU to the sink over the replication link."""
+
+    def __init__(self, cfg: Config, proc: QemuProcess, metrics: Metrics,
+                 compressor: Compressor):
+        self.cfg = cfg
+        self.proc = proc
+        self.metrics = metrics
+        self.compressor = compressor
+        self.interval = cfg.stream.disk_interval
+        self.tracking = DirtyTracking(proc, BITMAP_PREFIX)
+        self.sock_dir = Path(cfg.node.state_dir) / cfg.domain.name / "nbd"
+        self.sock = self.sock_dir / "source.sock"
+        self.disks: list[_Disk] = []
+        self.covered_from = 0            # oldest generation whose writes the bitmaps hold
+        self.acked = 0
+        self.proven_at: float | None = None
+        self.sent_generation = 0
+        self._lost = True                # bitmaps lost since start: every disk compares first
+        self._lock = asyncio.Lock()      # one round at a time
+        self._acked = asyncio.Condition()
+        self._held = asyncio.Event()     # set: no periodic rounds (a switch is under way)
+        self._buf = bytearray(MAX_BATCH_BLOCKS * BLOCK_SIZE)
+        self._link: Link | None = None
+        self._pending_proof: tuple[int, float] | None = None    # (generation, frozen at)
+        self._started = time.monotonic()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.disks)
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Find the disks, start QEMU's NBD server on our socket and make every disk record
+        into one bitmap generation (recovering what an earlier run left)."""
+        found = await self.tracking.disks()
+        if not found:
+            return
+        nodes = {n["node-name"]: n for n in
+                 await self.proc.execute("query-named-block-nodes", {"flat": True})}
+        disks = []
+        for i, d in enumerate(found):
+            size = int(nodes[d.node]["image"]["virtual-size"])
+            if size > MAX_DISK_BYTES:
+                raise QemuError(f"disk {d.path} is larger than {MAX_DISK_BYTES >> 40} TiB")
+            disks.append(_Disk(DiskLag(i, d.node, d.path, d.format, size), block_count(size),
+                               np.full(block_count(size), ZERO_BLOCK_HASH, dtype=np.uint64)))
+        self.sock_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.sock_dir, 0o700)
+        try:
+            await start_nbd_server(self.proc, self.sock)
+        except QemuError:
+            # A restarted daemon finds the server its earlier run started on the same socket.
+            if not await self._our_server_runs():
+                raise
+            log.info("reusing the NBD server an earlier run started on %s", self.sock)
+        recovered = await self.tracking.recover()
+        self.covered_from = min(r.oldest for r in recovered)
+        self._lost = any(r.full_compare for r in recovered)
+        for r in recovered:
+            if r.full_compare:
+                log.warning("disk node %s: %s; its next round compares every block",
+                            r.node, r.reason)
+        self.disks = disks
+        log.info("replicating %d disk(s): %s", len(disks),
+                 ", ".join(f"{d.info.path} ({d.info.format}, {d.info.size >> 20} MiB)"
+                           for d in disks))
+
+    async def _our_server_runs(self) -> bool:
+        if not self.sock.exists():
+            return False
+        try:
+            client = await NbdClient.connect_unix(self.sock, "", timeout=2)
+        except (QemuError, OSError):
+            # No export by the name "" is the expected refusal: the server answered.
+            return True
+        await client.close()
+        return True
+
+    def describe(self) -> tuple[m.DiskInfo, ...]:
+        return tuple(m.DiskInfo(d.info.index, d.info.size, d.info.format, BLOCK_SIZE)
+                     for d in self.disks)
+
+    # --- session ---------------------------------------------------------------------------
+
+    async def open_session(self, link: Link, timeout: float) -> None:
+        """Tell the sink our disks; take its copies' manifests as the truth."""
+        self._link = None
+        if not self.disks:
+            return
+        await link.send(m.DiskOpen(self.describe()))
+        manifests = [np.empty(d.nblocks, dtype=np.uint64) for d in self.disks]
+        filled = [0] * len(self.disks)
+        while True:
+            msg = await asyncio.wait_for(link.recv(), timeout)
+            if isinstance(msg, m.DiskOpened):
+                break
+            if not isinstance(msg, m.DiskManifest) or not 0 <= msg.disk < len(self.disks):
+                raise ProtocolError(f"unexpected {type(msg).__name__} while opening the disks")
+            arr = np.frombuffer(msg.hashes, dtype="<u8")
+            target = manifests[msg.disk]
+            if msg.first_block < 0 or msg.first_block + len(arr) > len(target):
+                raise ProtocolError("disk manifest chunk beyond the disk")
+            target[msg.first_block:msg.first_block + len(arr)] = arr
+            filled[msg.disk] += len(arr)
+        if len(msg.generations) != len(self.disks) or filled != [d.nblocks for d in self.disks]:
+            raise ProtocolError("the sink sent incomplete disk manifests")
+        current = await self._recording_generation()
+        for d, manifest, gen in zip(self.disks, manifests, msg.generations):
+            d.shipped = manifest
+            d.info.acked_generation = gen
+            # Only what changed since generation ``gen`` needs sending, if the bitmaps hold
+            # every write since then; else compare every block (still sending only changes).
+            d.full = (self._lost or gen <= 0 or gen < self.covered_from - 1
+                      or gen >= current)
+            d.info.copy = ("initial" if gen <= 0 else "compare") if d.full else "streaming"
+            if d.full:
+                log.info("disk %s: the sink's copy is at generation %d, our bitmaps hold "
+                         "%d..%d: comparing every block", d.info.path, gen,
+                         self.covered_from, current)
+        self._link = link
+        self.proven_at = None
+
+    async def _recording_generation(self) -> int:
+        for bms in (await self.tracking.bitmaps()).values():
+            for b in bms:
+                if b.recording:
+                    return b.generation
+        raise QemuError("no disk records writes (recover() first)")
+
+    def end_session(self) -> None:
+        self._link = None
+
+    async def run(self, link: Link) -> None:
+        """The session's disk task: a round every ``disk_interval`` (back to back while a
+        disk compares every block), and the lag figures in between."""
+        while True:
+            if await self.round(link, periodic=True) is not None:
+                # One round in flight: the next rotation would only fold this one in again.
+                await self.wait_acked(self.sent_generation, ACK_TIMEOUT)
+            busy = any(d.full for d in self.disks)
+            await asyncio.sleep(0 if busy else self.interval)
+            await self.refresh_lag()
+
+    def hold(self) -> None:
+        """No periodic rounds until :meth:`release` (the switch runs its own)."""
+        self._held.set()
+
+    def release(self) -> None:
+        self._held.clear()
+
+    # --- rounds ----------------------------------------------------------------------------
+
+    async def round(self, link: Link, *, periodic: bool = False) -> int | None:
+        """One round: rotate, send what changed, end it. Returns the bytes of changed blocks
+        sent (zero blocks count as their size). Does not wait for the acknowledgement.
+        ``periodic``: skip it (None) while a switch holds the rounds."""
+        async with self._lock:
+            if periodic and self._held.is_set():
+                return None
+            if self._link is not link:
+                raise PeerError("the disk session is not open on this link")
+            frozen = await self.tracking.rotate()
+            frozen_at = time.monotonic()
+            sent = 0
+            try:
+                for d in self.disks:
+                    sent += await self._send_disk(link, d, frozen)
+            finally:
+                await self.tracking.unexport_all()
+            await link.send(m.DiskRoundEnd(frozen))
+            self.sent_generation = frozen
+            self._pending_proof = (frozen, frozen_at)
+            for d in self.disks:
+                if d.full:
+                    d.full = False
+                    d.info.copy = "streaming"
+                    d.info.progress = 1.0
+            self._lost = False
+            return sent
+
+    async def _send_disk(self, link: Link, d: _Disk, generation: int) -> int:
+        exp = await self.tracking.export(d.info.node, generation)
+        contexts = [ALLOCATION] + ([] if d.full else [exp.context])
+        client = await NbdClient.connect_unix(self.sock, exp.name, contexts=contexts,
+                                              timeout=self.cfg.peer.timeout)
+        try:
+            ext = await client.extents()
+            zero = touched(ext[ALLOCATION], d.nblocks, lambda f: not f & STATE_ZERO)
+            zero = ~zero                       # blocks that are wholly zero: nothing to read
+            if d.full:
+                wanted = np.ones(d.nblocks, dtype=bool)
+            else:
+                wanted = touched(ext[exp.context], d.nblocks, lambda f: f & STATE_DIRTY)
+            sent = 0
+            # Zero blocks: no read; send only where the sink holds something else.
+            zeros = np.flatnonzero(wanted & zero & (d.shipped != np.uint64(ZERO_BLOCK_HASH)))
+            for i in range(0, len(zeros), MAX_BATCH_BLOCKS):
+                idx = zeros[i:i + MAX_BATCH_BLOCKS]
+                sent += await self._ship(link, d, generation, idx,
+                                         np.full(len(idx), ZERO_BLOCK_HASH, dtype=np.uint64),
+                                         None)
+            d.shipped[wanted & zero] = ZERO_BLOCK_HASH
+            data = wanted & ~zero
+            total = max(1, int(data.sum()))
+            done = 0
+            for first, count in runs(data):
+                view = await read_blocks(client, first, count, d.info.size, self._buf)
+                hashes = await asyncio.to_thread(hash_blocks, view, count)
+                idx = np.arange(first, first + count)
+                changed = hashes != d.shipped[idx]
+                if changed.any():
+                    sent += await self._ship(link, d, generation, idx[changed],
+                                             hashes[changed], view if changed.all() else
+                                             _compact(view, changed))
+                done += count
+                if d.full:
+                    d.info.progress = done / total
+            return sent
+        finally:
+            await client.close()
+
+    async def _ship(self, link: Link, d: _Disk, generation: int, idx: np.ndarray,
+                    hashes: np.ndarray, view: memoryview | bytes | None) -> int:
+        if view is None:
+            view = bytes(len(idx) * BLOCK_SIZE)
+        enc = await asyncio.to_thread(encode_blocks, generation, d.info.index, idx, view,
+                                      hashes, self.compressor)
+        frame = encode(enc.message)
+        await link.send_frame(frame)
+        d.shipped[idx] = hashes
+        d.info.sent_raw += enc.raw_bytes
+        d.info.sent_wire += len(frame)
+        label = str(d.info.index)
+        self.metrics.disk_sent_bytes.labels(label, "raw").inc(enc.raw_bytes)
+        self.metrics.disk_sent_bytes.labels(label, "wire").inc(len(frame))
+        return enc.raw_bytes
+
+    async def on_ack(self, generation: int) -> None:
+        """The sink holds every block up to round ``generation``: drop its bitmap."""
+        if generation > self.sent_generation:
+            raise ProtocolError(f"the sink acknowledged disk round {generation}, which was "
+                                f"never sent")
+        async with self._acked:
+            self.acked = max(self.acked, generation)
+            pending = self._pending_proof
+            if pending and pending[0] <= generation:
+                self.proven_at = pending[1]
+            for d in self.disks:
+                d.info.acked_generation = self.acked
+            self._acked.notify_all()
+        self.covered_from = max(self.covered_from, generation + 1)
+        with contextlib.suppress(QemuError):
+            await self.tracking.confirm(generation)
+
+    async def wait_acked(self, generation: int, timeout: float) -> None:
+        async def waiter() -> None:
+            async with self._acked:
+                while self.acked < generation:
+                    if self._link is None:
+                        raise PeerError("link to the sink lost while waiting for a disk ack")
+                    await self._acked.wait()
+        await asyncio.wait_for(waiter(), timeout)
+
+    async def sync(self, link: Link, timeout: float) -> int:
+        """One round now, acknowledged (the switch's final delta when the guest is paused)."""
+        sent = await self.round(link) or 0
+        await self.wait_acked(self.sent_generation, timeout)
+        return sent
+
+    def ready(self) -> str:
+        """Why a switch cannot start now ("" when it can): every copy must be complete."""
+        for d in self.disks:
+            if d.full or d.info.acked_generation <= 0:
+                pct = f" ({d.info.progress:.0%})" if d.full else ""
+                return f"disk {d.info.path} is still being copied{pct}"
+        return ""
+
+    def digests(self) -> tuple[bytes, ...]:
+        return tuple(digest(d.shipped) for d in self.disks)
+
+    async def quiesce(self) -> None:
+        """Remove our exports: required before QEMU inactivates the disks (migration end,
+        device-state save), which aborts QEMU 10 while a persistent bitmap is exported."""
+        async with self._lock:
+            await self.tracking.unexport_all()
+
+    # --- lag -------------------------------------------------------------------------------
+
+    async def refresh_lag(self) -> None:
+        """Per disk: bytes written and not yet durable on the sink (our bitmaps' counts), and
+        the age of the oldest of them."""
+        try:
+            counts = await self.tracking.dirty_bytes()
+        except QemuError:
+            return                   # inactive (switched) or busy: keep the last figures
+        now = time.monotonic()
+        streaming = self._link is not None and self.proven_at is not None
+        since = self.proven_at if self.proven_at is not None else self._started
+        for d in self.disks:
+            lag = counts.get(d.info.node, 0)
+            if d.full:
+                lag = max(lag, int(d.info.size * (1 - d.info.progress)))
+            d.info.lag_bytes = lag
+            # Nothing written since the last acknowledged round: in sync. Otherwise the age of
+            # the oldest write not yet durable there is at most the time since that round.
+            d.info.lag_seconds = 0.0 if (lag == 0 and streaming) else max(0.0, now - since)
+            mt = self.metrics
+            label = str(d.info.index)
+            mt.disk_lag_bytes.labels(label).set(d.info.lag_bytes)
+            mt.disk_lag_blocks.labels(label).set(d.info.lag_blocks)
+            mt.disk_lag_seconds.labels(label).set(d.info.lag_seconds)
+
+    def in_sync(self) -> bool:
+        limit = 2 * self.interval + 1.0
+        return all(not d.full and d.info.lag_seconds <= limit for d in self.disks)
+
+    @property
+    def lag_bytes(self) -> int:
+        return sum(d.info.lag_bytes for d in self.disks)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [d.info.to_dict() for d in self.disks]
+
+
+def _compact(view: memoryview, changed: np.ndarray) -> bytes:
+    arr = np.frombuffer(view, dtype=np.uint8).reshape(-1, BLOCK_SIZE)
+    return arr[changed].tobytes()
+
+
+async def create(cfg: Config, driver: Any, metrics: Metrics, compressor: Compressor
+                 ) -> DiskReplicator | None:
+    """A DiskReplicator for a QEMU domain with disks, else None."""
+    proc = getattr(driver, "proc", None)
+    if proc is None:
+        return None
+    rep = DiskReplicator(cfg, proc, metrics, compressor)
+    await rep.setup()
+    return rep if rep.enabled else None
