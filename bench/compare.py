@@ -78,7 +78,8 @@ from tests.netns import DESK_ADDR, LAP_ADDR, TwoHosts  # noqa: E402
 MiB = 1024 * 1024
 PAGE = 4096
 GUEST = ROOT / "build" / "guest"
-DIRTY_RE = re.compile(rb"DIRTY (\d+(?:\.\d+)?)")
+# not the DISKDIRTY lines of a guest that also writes its disk
+DIRTY_RE = re.compile(rb"(?<!DISK)DIRTY (\d+(?:\.\d+)?)")
 FILLED_RE = re.compile(rb"FILLED (\d+)")
 FILL_PCT = 75
 QEMU_PORT = 4444
@@ -527,64 +528,171 @@ async def round_stats(sock: Path) -> tuple[float, float]:
     return vals.get("count", 0.0), vals.get("sum", 0.0)
 
 
-async def replicator_switch(ctx: "Ctx", cell: Cell, net: Net, mode: str,
-                            window: float) -> dict[str, Any]:
-    d = ctx.work / f"{cell.tag}-rep-{mode}"
-    desk, lap = d / "desk", d / "lap"
-    for p in (desk, lap, d / "serial-desk", d / "serial-lap"):
+@dataclasses.dataclass
+class Pair:
+    """One replicator run: two daemons (the source launching the VM), their files and API."""
+    d: Path
+    listen: str
+    source: subprocess.Popen | None = None
+    sink: subprocess.Popen | None = None
+    token: str = ""
+    qemu_pid: int | None = None
+    shadow_pid: int | None = None
+
+    desk = property(lambda self: self.d / "desk")
+    lap = property(lambda self: self.d / "lap")
+    desk_serial = property(lambda self: self.d / "serial-desk" / "desk.log")
+    lap_serial = property(lambda self: self.d / "serial-lap" / "shadow.log")
+    desk_sock = property(lambda self: self.d / "desk.sock")
+    lap_sock = property(lambda self: self.d / "lap.sock")
+
+
+def pair_configs(ctx: "Ctx", cell: Cell, net: Net, d: Path, *, append: str | None = None,
+                 desk_qemu: dict[str, Any] | None = None,
+                 stream: dict[str, Any] | None = None) -> Pair:
+    """Write both daemons' configs under ``d``. ``append``/``desk_qemu``/``stream``: a caller's
+    kernel command line, extra ``domain.qemu`` keys of the desktop VM, extra ``stream`` keys."""
+    pair = Pair(d, "")
+    for p in (pair.desk, pair.lap, pair.desk_serial.parent, pair.lap_serial.parent):
         p.mkdir(parents=True)
-    desk_serial, lap_serial = d / "serial-desk" / "desk.log", d / "serial-lap" / "shadow.log"
-    desk_sock, lap_sock = d / "desk.sock", d / "lap.sock"
-    desk_id = Identity.load_or_create(desk / "identity", "desktop").node_id
-    lap_id = Identity.load_or_create(lap / "identity", "laptop").node_id
+    desk_id = Identity.load_or_create(pair.desk / "identity", "desktop").node_id
+    lap_id = Identity.load_or_create(pair.lap / "identity", "laptop").node_id
     q = {"ram_size": cell.ram_mib * MiB, "vcpus": 1, "accel": "tcg",
          "kernel": str(GUEST / "vmlinux"), "initrd": str(GUEST / "initramfs.cpio.gz"),
-         "append": append_line(cell)}
+         "append": append or append_line(cell)}
     # The sink listens on a fixed address: it joins only once the guest has filled its RAM.
-    listen = f"{LAP_ADDR}:{PEER_PORT}" if net.hosts else f"127.0.0.1:{free_port()}"
+    pair.listen = listen = f"{LAP_ADDR}:{PEER_PORT}" if net.hosts else f"127.0.0.1:{free_port()}"
     (d / "lap.toml").write_text(_toml({
-        "node": {"name": "laptop", "role": "sink", "state_dir": str(lap)},
+        "node": {"name": "laptop", "role": "sink", "state_dir": str(pair.lap)},
         "domain": {"name": "vm", "driver": "qemu", "tracker": "scan",
-                   "qemu": {**q, "serial_log": str(lap_serial)}},
+                   "qemu": {**q, "serial_log": str(pair.lap_serial)}},
         "peer": {"listen": listen, "id": desk_id},
-        "control": {"listen": f"unix:{lap_sock}"}}))
+        "control": {"listen": f"unix:{pair.lap_sock}"}}))
     (d / "desk.toml").write_text(_toml({
-        "node": {"name": "desktop", "role": "source", "state_dir": str(desk)},
+        "node": {"name": "desktop", "role": "source", "state_dir": str(pair.desk)},
         "domain": {"name": "vm", "driver": "qemu", "tracker": ctx.tracker, "qemu": {
             **q, "launch": True, "ram_path": str(d / "desk-ram"),
-            "serial_log": str(desk_serial)}},
+            "serial_log": str(pair.desk_serial), **(desk_qemu or {})}},
         # A short first retry delay: the source keeps trying until the sink joins.
-        "stream": {"reconnect_delay": 0.1},
+        "stream": {"reconnect_delay": 0.1, **(stream or {})},
         "peer": {"address": listen, "id": lap_id},
-        "control": {"listen": f"unix:{desk_sock}"}}))
+        "control": {"listen": f"unix:{pair.desk_sock}"}}))
+    return pair
+
+
+async def start_daemon(ctx: "Ctx", net: Net, pair: Pair, role: str) -> None:
+    """Start the ``source`` (desk namespace; it launches the VM) or the ``sink`` (lap) and
+    wait for its control socket."""
+    host, sock = ("desk", pair.desk_sock) if role == "source" else ("lap", pair.lap_sock)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     verbose = ["-v"] if ctx.verbose else []
+    p = ctx.reaper.popen(
+        net.prefix(host) + [sys.executable, "-m", "replicator.cli", *verbose, "run", "-c",
+                            str(pair.d / f"{host}.toml")],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(pair.d / f"{host}.log", "wb"))
+    setattr(pair, role, p)
+    await wait_for(lambda: sock.exists() or p.poll() is not None,
+                   90 if role == "source" else 60, f"{role} daemon")
+    if p.poll() is not None:
+        raise RuntimeError(f"{role} daemon exited: " + (pair.d / f"{host}.log").read_text()[-1500:])
+    if role == "source":
+        pair.token = (pair.desk / "api-token").read_text().strip()
+        pair.qemu_pid = (children_named(p.pid, "qemu") or [None])[0]
+
+
+SWITCH_KEYS = ("result", "downtime_ms", "time_to_switch_ms", "catchup_rounds",
+               "final_delta_pages", "final_delta_bytes", "device_state_bytes",
+               "shadow_verified", "path", "throttle", "throttle_percent",
+               "live_deadline_s", "stop_deadline_s")
+
+
+async def switch_watched(ctx: "Ctx", pair: Pair, mode: str, out: dict[str, Any],
+                         keys: tuple[str, ...] = SWITCH_KEYS) -> None:
+    """POST /api/v1/switch, watched through the guest's counter; the report's ``keys``, the
+    counter gap and both sides' state after it go into ``out``."""
+    desk_sock, lap_sock = pair.desk_sock, pair.lap_sock
+    desk_serial, lap_serial = pair.desk_serial, pair.lap_serial
+    watch = CounterWatch([desk_serial, lap_serial])
+    watch.start()
+    try:
+        await asyncio.sleep(0.7)
+        rs0 = await round_stats(desk_sock)
+        t0 = time.monotonic()
+        code, res = await api(desk_sock, "POST", "/api/v1/switch", pair.token, {"mode": mode},
+                              timeout=600)
+        with contextlib.suppress(Exception):
+            rs1 = await round_stats(desk_sock)
+            # rounds that ran during the switch (catch-up + final, maybe one in flight)
+            out["switch_rounds"] = int(rs1[0] - rs0[0])
+            out["switch_rounds_ms"] = round(1000 * (rs1[1] - rs0[1]), 1)
+        out["api_seconds"] = round(time.monotonic() - t0, 3)
+        out["http"] = code
+        if code != 200:
+            out["error"] = f"switch answered {code}: {res}"
+        else:
+            out["result"] = {k: res.get(k) for k in keys}
+            out["downtime_ms"] = round(res["downtime_ms"], 1)
+            out["time_to_switch_ms"] = round(res["time_to_switch_ms"], 1)
+            await wait_for(lambda: len(counters(lap_serial)) >= 2, 30,
+                           "two COUNTER lines on the laptop's VM")
+    finally:
+        watch.stop()
+    out["counter"] = watch.gap(desk_serial, lap_serial)
+    # The source's own prediction before the pause (its INFO log line; live mode only).
+    pred = re.findall(rb"predicted final delta ([0-9.]+) ms", (pair.d / "desk.log").read_bytes())
+    out["predicted_downtime_ms"] = float(pred[-1]) if pred else None
+    _, sst = await api(lap_sock, "GET", "/api/v1/status")
+    pair.shadow_pid = (sst.get("shadow") or {}).get("pid")
+    if pair.shadow_pid:
+        ctx.reaper.pids.add(pair.shadow_pid)
+    _, dst = await api(desk_sock, "GET", "/api/v1/status")
+    out["handed_over"] = dst.get("handed_over")
+    out["runs_on_laptop"] = sst.get("runs_domain")
+    out["laptop_domain_state"] = sst.get("domain_state")
+    out["total_wire_bytes"] = dst.get("sent_bytes", {}).get("wire")
+    out["dirty_all"] = dirty_values(desk_serial)
+
+
+async def end_pair(ctx: "Ctx", pair: Pair) -> None:
+    """Stop both daemons, the laptop's VM and anything else of this run; keep logs if asked;
+    remove the run's directory."""
+    d, sink = pair.d, pair.sink
+    if pair.shadow_pid is None and sink is not None and sink.poll() is None:
+        with contextlib.suppress(Exception):
+            _, sst = await api(pair.lap_sock, "GET", "/api/v1/status", timeout=5)
+            pair.shadow_pid = (sst.get("shadow") or {}).get("pid")
+    for p in (pair.source, sink):
+        if p is not None:
+            ctx.reaper.stop(p)
+    if pair.shadow_pid:
+        ctx.reaper.kill_pid(pair.shadow_pid)
+    for pid in ctx.reaper.strays():
+        with contextlib.suppress(OSError):
+            if str(d).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                ctx.reaper.kill_pid(pid)
+    if ctx.keep_logs:
+        keep = ctx.keep_logs / d.name
+        keep.mkdir(parents=True, exist_ok=True)
+        for f in ("desk.log", "lap.log"):
+            with contextlib.suppress(OSError):
+                shutil.copy(d / f, keep / f)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+async def replicator_switch(ctx: "Ctx", cell: Cell, net: Net, mode: str,
+                            window: float) -> dict[str, Any]:
+    pair = pair_configs(ctx, cell, net, ctx.work / f"{cell.tag}-rep-{mode}")
+    desk_serial, desk_sock = pair.desk_serial, pair.desk_sock
     out: dict[str, Any] = {"mode": mode}
-    sink = source = None
-    shadow_pid = None
     try:
         t_start = time.monotonic()
-        source = ctx.reaper.popen(
-            net.prefix("desk") + [sys.executable, "-m", "replicator.cli", *verbose, "run", "-c",
-                                  str(d / "desk.toml")],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(d / "desk.log", "wb"))
-        await wait_for(lambda: desk_sock.exists() or source.poll() is not None, 90,
-                       "source daemon")
-        if source.poll() is not None:
-            raise RuntimeError("source daemon exited: " + (d / "desk.log").read_text()[-1500:])
-        token = (desk / "api-token").read_text().strip()
-        qemu_pid = (children_named(source.pid, "qemu") or [None])[0]
+        await start_daemon(ctx, net, pair, "source")
+        source, qemu_pid = pair.source, pair.qemu_pid
         out["qemu_pid_found"] = qemu_pid is not None
         out["filled_mib"] = fill = await wait_for(lambda: filled_mib(desk_serial), 180,
                                                   "FILLED from the desk guest", 0.2)
         out["filled_after_start_s"] = round(time.monotonic() - t_start, 1)
-        sink = ctx.reaper.popen(
-            net.prefix("lap") + [sys.executable, "-m", "replicator.cli", *verbose, "run", "-c",
-                                 str(d / "lap.toml")],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(d / "lap.log", "wb"))
-        await wait_for(lambda: lap_sock.exists() or sink.poll() is not None, 60, "sink daemon")
-        if sink.poll() is not None:
-            raise RuntimeError("sink daemon exited: " + (d / "lap.log").read_text()[-1500:])
+        await start_daemon(ctx, net, pair, "sink")
         t_sink = time.monotonic()
         # Initial sync (the same bulk copy QEMU's migration makes): settled once everything the
         # guest filled went over and the lag stayed small for 0.6 s.
@@ -675,72 +783,10 @@ async def replicator_switch(ctx: "Ctx", cell: Cell, net: Net, mode: str,
             out["steady"] = steady
         else:
             await asyncio.sleep(2.0)
-        # The switch, watched through the guest's counter.
-        watch = CounterWatch([desk_serial, lap_serial])
-        watch.start()
-        try:
-            await asyncio.sleep(0.7)
-            rs0 = await round_stats(desk_sock)
-            t0 = time.monotonic()
-            code, res = await api(desk_sock, "POST", "/api/v1/switch", token, {"mode": mode},
-                                  timeout=600)
-            with contextlib.suppress(Exception):
-                rs1 = await round_stats(desk_sock)
-                # rounds that ran during the switch (catch-up + final, maybe one in flight)
-                out["switch_rounds"] = int(rs1[0] - rs0[0])
-                out["switch_rounds_ms"] = round(1000 * (rs1[1] - rs0[1]), 1)
-            out["api_seconds"] = round(time.monotonic() - t0, 3)
-            out["http"] = code
-            if code != 200:
-                out["error"] = f"switch answered {code}: {res}"
-            else:
-                out["result"] = {k: res.get(k) for k in (
-                    "result", "downtime_ms", "time_to_switch_ms", "catchup_rounds",
-                    "final_delta_pages", "final_delta_bytes", "device_state_bytes",
-                    "shadow_verified", "path", "throttle", "throttle_percent",
-                    "live_deadline_s", "stop_deadline_s")}
-                out["downtime_ms"] = round(res["downtime_ms"], 1)
-                out["time_to_switch_ms"] = round(res["time_to_switch_ms"], 1)
-                await wait_for(lambda: len(counters(lap_serial)) >= 2, 30,
-                               "two COUNTER lines on the laptop's VM")
-        finally:
-            watch.stop()
-        out["counter"] = watch.gap(desk_serial, lap_serial)
-        # The source's own prediction before the pause (its INFO log line; live mode only).
-        pred = re.findall(rb"predicted final delta ([0-9.]+) ms", (d / "desk.log").read_bytes())
-        out["predicted_downtime_ms"] = float(pred[-1]) if pred else None
-        _, sst = await api(lap_sock, "GET", "/api/v1/status")
-        shadow_pid = (sst.get("shadow") or {}).get("pid")
-        if shadow_pid:
-            ctx.reaper.pids.add(shadow_pid)
-        _, dst = await api(desk_sock, "GET", "/api/v1/status")
-        out["handed_over"] = dst.get("handed_over")
-        out["runs_on_laptop"] = sst.get("runs_domain")
-        out["laptop_domain_state"] = sst.get("domain_state")
-        out["total_wire_bytes"] = dst.get("sent_bytes", {}).get("wire")
-        out["dirty_all"] = dirty_values(desk_serial)
+        await switch_watched(ctx, pair, mode, out)
         return out
     finally:
-        if shadow_pid is None and sink is not None and sink.poll() is None:
-            with contextlib.suppress(Exception):
-                _, sst = await api(lap_sock, "GET", "/api/v1/status", timeout=5)
-                shadow_pid = (sst.get("shadow") or {}).get("pid")
-        for p in (source, sink):
-            if p is not None:
-                ctx.reaper.stop(p)
-        if shadow_pid:
-            ctx.reaper.kill_pid(shadow_pid)
-        for pid in ctx.reaper.strays():
-            with contextlib.suppress(OSError):
-                if str(d).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    ctx.reaper.kill_pid(pid)
-        if ctx.keep_logs:
-            keep = ctx.keep_logs / d.name
-            keep.mkdir(parents=True, exist_ok=True)
-            for f in ("desk.log", "lap.log"):
-                with contextlib.suppress(OSError):
-                    shutil.copy(d / f, keep / f)
-        shutil.rmtree(d, ignore_errors=True)
+        await end_pair(ctx, pair)
 
 
 # --- orchestration ------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ def format_status(st: dict) -> str:
                      f"link {_human_bytes(st.get('throughput_bytes_per_second', 0))}/s")
         lines.append(f"  switch    ~{st.get('switch_estimate_seconds', 0) * 1000:.0f} ms "
                      f"predicted downtime")
+        lines += [_source_disk_line(d) for d in st.get("disks") or []]
         if st.get("handed_over"):
             lines.append("  HANDED OVER: the domain runs on the peer")
         cur = st.get("switch")
@@ -91,11 +92,53 @@ def format_status(st: dict) -> str:
                          f"{last.get('time_to_switch_ms') or 0:.1f} ms"
                          f"{'; ' + _switch_path(last) if last.get('path') else ''} "
                          f"{last.get('message', '')}")
+            if st.get("disks") or _has_disk_figures(last):
+                lines.append(f"            {_switch_disks(last)}")
     else:
         lines.append(f"  shadow    epoch {st.get('acked_epoch')}, "
                      f"{_human_bytes(st.get('ram_bytes') or 0)}; "
                      f"{'RUNS THE DOMAIN' if st.get('runs_domain') else 'paused standby'}")
+        lines += [_sink_disk_line(d) for d in st.get("disks") or []]
     return "\n".join(lines)
+
+
+def _disk_head(d: dict) -> str:
+    return (f"  disk {d.get('index', '?'):<4} {d.get('path', '?')} ({d.get('format', '?')}, "
+            f"{_human_bytes(d.get('size_bytes') or 0)})")
+
+
+def _copy_state(d: dict) -> str:
+    """streaming, or a first copy / full compare with how far it got."""
+    copy = d.get("copy") or "unknown"
+    if copy == "streaming":
+        return "streaming"
+    what = {"initial": "first copy", "compare": "comparing every block"}.get(copy, copy)
+    if copy in ("initial", "compare"):
+        what += f" {(d.get('progress') or 0) * 100:.1f}%"
+    return what
+
+
+def _source_disk_line(d: dict) -> str:
+    lag = d.get("lag") or {}
+    return (f"{_disk_head(d)}: {_copy_state(d)}; lag {_human_bytes(lag.get('bytes', 0))}, "
+            f"{lag.get('blocks', 0)} blocks, {lag.get('seconds', 0):.2f} s")
+
+
+def _sink_disk_line(d: dict) -> str:
+    return (f"{_disk_head(d)}: generation {d.get('generation', 0)}, "
+            f"{_human_bytes(d.get('written_bytes') or 0)} written, writer "
+            f"{d.get('writer', '?')}")
+
+
+def _has_disk_figures(report: dict) -> bool:
+    return bool(report.get("disks_verified") or report.get("disk_final_delta_bytes"))
+
+
+def _switch_disks(report: dict) -> str:
+    """The disks' part of a switch report: "disks: final delta 1.0 MiB, verified"."""
+    verified = "verified" if report.get("disks_verified") else "NOT verified"
+    return (f"disks: final delta {_human_bytes(report.get('disk_final_delta_bytes') or 0)}, "
+            f"{verified}")
 
 
 def _switch_path(report: dict) -> str:
@@ -190,7 +233,8 @@ def cmd_switch(args: argparse.Namespace) -> int:
             print(json.dumps(data) if args.json else
                   f"switched ({data['mode']}): the domain runs on {data.get('peer') or 'the peer'}"
                   f"; downtime {data['downtime_ms']:.1f} ms, time to switch "
-                  f"{data['time_to_switch_ms']:.1f} ms; {_switch_path(data)}")
+                  f"{data['time_to_switch_ms']:.1f} ms; {_switch_path(data)}"
+                  f"{'; ' + _switch_disks(data) if _has_disk_figures(data) else ''}")
             return 0
         print(f"switch failed (HTTP {code}): {data.get('error')}", file=sys.stderr)
         return 1

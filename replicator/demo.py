@@ -59,6 +59,19 @@ def memchecks(path: Path) -> list[tuple[bool, int]]:
             for m in re.finditer(rb"MEMCHECK (OK|FAIL) pass=(\d+) (?:pages|bad)=\d+\n", log)]
 
 
+def diskchecks(path: Path) -> list[tuple[bool, int]]:
+    """The guest's disk-check results in a serial log (kernel arg ``diskcheck=<s>``), in order:
+    ``(ok, round number)`` per finished round, complete lines only; the per-block
+    ``DISKCHECK FAIL round=<k> region=`` lines are not rounds and are left out, and
+    ``DISKCHECK FAIL no disk`` counts as a failed round 0."""
+    try:
+        log = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [(m[1] == b"OK", int(m[2] or 0)) for m in re.finditer(
+        rb"DISKCHECK (OK|FAIL) (?:round=(\d+) (?:regions|bad)=\d+|no disk)\n", log)]
+
+
 def _toml(d: dict[str, Any], prefix: str = "") -> str:
     """Tiny TOML writer for the demo's configs (tables of scalars and lists)."""
     lines, tables = [], []

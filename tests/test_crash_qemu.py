@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from replicator.cli import _request
 from replicator.demo import counters
 
 from .conftest import pair_ids, wait_until
+from .test_disks_qemu import same_content
 from .test_faults import Daemon, daemons, free_port  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.qemu
@@ -57,11 +59,19 @@ class Pair:
         stream = {"reconnect_delay": 0.2}
         self.desk_log = d / "desk-serial.log"
         self.lap_log = d / "lap-serial.log"
+        # A qcow2 disk with data on it travels too; the laptop's copy is in its state dir.
+        self.disk = d / "desk-disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(self.disk), "64M"],
+                       check=True)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 4M", str(self.disk)],
+                       check=True, capture_output=True)
+        self.copy = d / "lap" / "vm" / "disk0.qcow2"
         self.src: Daemon = daemons("desk", d, {
             "node": {"name": "desktop", "role": "source", "state_dir": str(d / "desk")},
             "domain": {"name": "vm", "driver": "qemu", "tracker": tracker,
                        "qemu": {**qemu, "launch": True, "ram_path": str(d / "desk-ram"),
-                                "serial_log": str(self.desk_log)}},
+                                "serial_log": str(self.desk_log),
+                                "disks": [{"path": str(self.disk), "format": "qcow2"}]}},
             "peer": {"address": f"127.0.0.1:{port}", "id": sink_id},
             "stream": stream, "control": {"listen": "127.0.0.1:0"}})
         self.snk: Daemon = daemons("lap", d, {
@@ -230,13 +240,14 @@ async def test_desktop_daemon_killed_at_each_switch_phase(shm_dir, guest, daemon
         await _expect_rollback(pair, victim="desktop", hold=None, mode=mode,
                                sig=signal.SIGABRT)
         for hold in ("source-before-pause", "source-paused", "source-final-delta",
-                     "source-device-sent", "source-committing"):
+                     "source-disk-delta", "source-device-sent", "source-committing"):
             await _expect_rollback(pair, victim="desktop", hold=hold, mode=mode)
         # Killed after the laptop committed and answered: the laptop runs it, the desktop
         # learns so from the laptop when it comes back, and never resumes.
         host = await _crash(pair, victim="desktop", hold="source-committed", mode=mode)
         assert host == "laptop"
         await pair.check_guest("laptop")
+        assert same_content(pair.disk, pair.copy), "the laptop runs on a stale disk copy"
         st = await pair.src.status()
         assert st["handed_over"] is True and st["domain_state"] != "running", st
     except BaseException:
@@ -254,7 +265,7 @@ async def test_laptop_daemon_killed_at_each_switch_phase(shm_dir, guest, daemons
         await pair.start()
         await _expect_rollback(pair, victim="laptop", hold=None, mode=mode)
         for hold in ("source-before-pause", "source-paused", "source-final-delta",
-                     "source-device-sent"):
+                     "source-disk-delta", "sink-disks-released", "source-device-sent"):
             await _expect_rollback(pair, victim="laptop", hold=hold, mode=mode)
         # Killed after persisting the commit but before resuming the shadow: the restarted
         # laptop adopts its QEMU and resumes it; the desktop, whose commit answer was lost,
@@ -262,6 +273,7 @@ async def test_laptop_daemon_killed_at_each_switch_phase(shm_dir, guest, daemons
         host = await _crash(pair, victim="laptop", hold="sink-commit-persisted", mode=mode)
         assert host == "laptop"
         await pair.check_guest("laptop")
+        assert same_content(pair.disk, pair.copy), "the laptop runs on a stale disk copy"
         await wait_until(lambda: _handed_over(pair), 30, "the desktop to learn the outcome")
     except BaseException:
         pair.dump_logs()

@@ -373,3 +373,27 @@ async def test_hostile_handshake(case):
                 await NbdClient.connect_tcp("127.0.0.1", port, "disk", timeout=1.0)
     finally:
         server.close()
+
+
+def test_client_works_on_uvloop(shm_dir):
+    """The daemons run on uvloop, whose transports are not asyncio.Transport subclasses (an
+    isinstance check in the client's protocol broke every connection there)."""
+    import uvloop
+
+    image, model = make_image(shm_dir, "qcow2")
+    server = QemuNbd(image, "qcow2", sock=shm_dir / "nbd.sock")
+
+    async def main() -> None:
+        await server.ready()
+        async with await NbdClient.connect_unix(server.sock, "disk",
+                                                contexts=["base:allocation"], timeout=10) as c:
+            assert bytes(await c.read(MiB, MiB)) == bytes(model[MiB:2 * MiB])
+            await c.write(0, b"\x01" * 4096)
+            await c.flush()
+            alloc = (await c.extents())["base:allocation"]
+            assert alloc[0].offset == 0 and not alloc[0].flags & STATE_ZERO
+
+    try:
+        uvloop.run(main())
+    finally:
+        server.stop()

@@ -39,6 +39,9 @@ from aiohttp import web
 
 from replicator.control.api import start_api
 
+from .test_disks_qemu import DISK, make_disk, start_pair, wait_disk_synced
+from .test_switch_qemu import stop_nodes
+
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = ROOT / "docs" / "status-page.png"
 MiB = 1024 * 1024
@@ -274,6 +277,7 @@ async def test_page_shows_live_replication_and_switch_now_moves_the_domain(
         assert await browser.text("#peer-name") == "laptop"
         assert await browser.attr("#ram-bytes", "data-value") == str(32 * MiB)
         assert await browser.text("#ram-bytes") == "32.0 MiB"
+        assert not await browser.displayed("#disks")             # this domain has no disks
 
         # Live: the page re-polls every second and shows the status' lag numbers each time.
         seen_times: set[str] = set()
@@ -357,6 +361,8 @@ async def test_page_shows_live_replication_and_switch_now_moves_the_domain(
         await eventually(lambda: _text_is(browser, "#last-result", "switched"), "last switch")
         assert await browser.text("#last-mode") == "live"
         assert float(await browser.attr("#last-downtime", "data-value")) == report.downtime_ms
+        assert not await browser.displayed("#last-disks-verified")
+        assert not await browser.displayed("#last-disk-delta")
         assert await browser.displayed("#handed-over")
         assert not await browser.displayed("#switch-button")     # nothing left to switch
 
@@ -500,3 +506,173 @@ async def test_page_is_not_served_to_a_rebound_name_nor_framed_by_another_site(
             assert "'none'" in msgs[0], msgs
         finally:
             await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# Disks
+
+ROW0 = '#disk-rows tr[data-disk="0"] '
+
+
+async def _cell(browser: Browser, row: str, cls: str) -> tuple[str, str | None]:
+    """(text, data-value) of one disk table cell."""
+    css = row + "." + cls
+    return (await browser.text(css)).strip(), await browser.attr(css, "data-value")
+
+
+@pytest.mark.qemu
+async def test_page_shows_each_disk_and_the_switch_disk_figures(shm_dir, guest, browser):
+    """A real QEMU guest with a qcow2 disk: the source's page has a row with the disk's
+    figures, the sink's page its copy's, and after a stop-mode switch from the page the last
+    switch shows the disk final delta and that the disks were verified."""
+    disk = shm_dir / "desk-disk.qcow2"
+    make_disk(disk, "qcow2", (0x11, 0, 8 * MiB))
+    sink, source = await start_pair(shm_dir, guest, disk, "qcow2", "qemu-precopy")
+    copy = shm_dir / "lap" / "vm" / "disk0.qcow2"
+    token = secrets.token_urlsafe(24)
+    try:
+        await wait_disk_synced(source)
+        async with api(source, token) as url:
+            await open_page(browser, url, "source")
+            await eventually(lambda: _text_is(browser, ROW0 + ".disk-copy", "streaming"),
+                             "disk 0 streaming")
+            assert await browser.displayed("#disks")
+            assert len(await browser.js("return [...document.querySelectorAll("
+                                        "'#disk-rows tr')].map((r) => r.dataset.disk)")) == 1
+            assert await _cell(browser, ROW0, "disk-path") == (str(disk), None)
+            assert await _cell(browser, ROW0, "disk-format") == ("qcow2", None)
+            assert await _cell(browser, ROW0, "disk-size") == ("64.0 MiB", str(DISK))
+            assert (await browser.attr(ROW0 + ".disk-copy .pill", "class")) == "pill ok"
+            lag, raw = await _cell(browser, ROW0, "disk-lag-bytes")
+            assert BYTES.match(lag) and int(raw) >= 0, (lag, raw)
+            blocks, raw_blocks = await _cell(browser, ROW0, "disk-lag-blocks")
+            assert re.fullmatch(r"[\d,]+", blocks) and int(raw_blocks) == -(-int(raw) // 65536)
+            behind, _ = await _cell(browser, ROW0, "disk-lag-seconds")
+            assert re.fullmatch(r"\d+\.\d\d s", behind), behind
+            sent, raw_sent = await _cell(browser, ROW0, "disk-sent")
+            assert BYTES.match(sent) and int(raw_sent) > 0, (sent, raw_sent)
+            heads = await browser.js("return [...document.querySelectorAll('#disk-head th')]"
+                                     ".map((th) => th.textContent)")
+            assert heads == ["Disk", "Path", "Format", "Size", "Copy", "Lag", "Blocks",
+                             "Behind", "Sent (wire)"], heads
+            assert await browser.script_errors() == []
+
+        async with api(sink, token) as url:
+            await open_page(browser, url, "sink")
+            await eventually(lambda: _text_is(browser, ROW0 + ".disk-writer", "running"),
+                             "the sink's disk writer")
+            assert await _cell(browser, ROW0, "disk-path") == (str(copy), None)
+            assert await _cell(browser, ROW0, "disk-size") == ("64.0 MiB", str(DISK))
+            generation, raw_gen = await _cell(browser, ROW0, "disk-generation")
+            assert generation == raw_gen and int(generation) >= 1, generation
+            written, raw_written = await _cell(browser, ROW0, "disk-written")
+            assert BYTES.match(written) and int(raw_written) >= 8 * MiB, (written, raw_written)
+            assert await browser.script_errors() == []
+
+        async with api(source, token) as url:
+            await open_page(browser, url, "source")
+            await eventually(lambda: browser.js("return !document.getElementById("
+                                                "'switch-button').disabled"), "button enabled")
+            await browser.click("input[name=mode][value=stop]")
+            await browser.type("#token", token)
+            await browser.click("#switch-button")
+            await eventually(lambda: _outcome(browser, "ok"), "switch outcome", 60)
+            report = source.switcher.last
+            assert report is not None and report.result == "ok" and report.disks_verified
+            await eventually(lambda: _text_is(browser, "#last-result", "switched"),
+                             "last switch")
+            assert await browser.text("#last-mode") == "stop"
+            assert await browser.text("#last-disks-verified") == "yes"
+            assert await browser.attr("#last-disks-verified", "class") == "res-ok"
+            delta = await browser.text("#last-disk-delta")
+            assert BYTES.match(delta), delta
+            assert await browser.attr("#last-disk-delta", "data-value") == \
+                str(report.disk_final_delta_bytes)
+            assert await browser.displayed("#disks")      # still listed after the handover
+            assert await browser.script_errors() == []
+    finally:
+        await stop_nodes(source, sink)
+
+
+class StatusNode:
+    """Serves a fixed status dict through the real control API (the page is under test: the
+    states shown here last only a moment on a real pair)."""
+
+    def __init__(self, status: dict):
+        self._status = status
+        self.metrics = None
+
+    def status(self) -> dict:
+        return json.loads(json.dumps(self._status))
+
+    async def switch(self, mode: str) -> dict:
+        raise AssertionError("no switch in this test")
+
+
+def _source_disk(index: int, copy: str, progress: float, lag: int, seconds: float) -> dict:
+    return {"index": index, "node": f"disk{index}", "path": f"/srv/vm/disk{index}.qcow2",
+            "format": "qcow2", "size_bytes": 10 * 1024 * MiB,
+            "lag": {"bytes": lag, "blocks": -(-lag // 65536), "seconds": seconds},
+            "copy": copy, "progress": progress, "sent_bytes": {"raw": 5 * MiB, "wire": 3 * MiB},
+            "acked_generation": 4}
+
+
+async def test_page_shows_disk_copy_progress_and_sink_writer_state(browser):
+    source = {"role": "source", "node": "desktop", "domain": "vm1", "time": time.time(),
+              "peer": {"connected": True, "node": "laptop"}, "ram_bytes": 64 * MiB,
+              "lag": {"bytes": 0, "pages": 0, "seconds": 0.0}, "in_sync": False,
+              "switch_estimate_seconds": 0.05, "handed_over": False,
+              "disks": [_source_disk(0, "streaming", 1.0, 0, 0.0),
+                        _source_disk(1, "initial", 0.425, 6 * 1024 * MiB, 12.5)],
+              "last_switch": {"result": "rolled_back", "mode": "stop", "downtime_ms": 40.0,
+                              "time_to_switch_ms": 90.0, "disk_final_delta_bytes": 3 * MiB,
+                              "disks_verified": False, "started_at": time.time(),
+                              "message": "disk digest mismatch"}}
+    async with api(StatusNode(source), "t") as url:
+        await open_page(browser, url, "source")
+        row1 = '#disk-rows tr[data-disk="1"] '
+        await eventually(lambda: _text_is(browser, row1 + ".disk-copy", "first copy 42.5 %"),
+                         "disk 1 in its first copy")
+        assert await browser.attr(row1 + ".disk-copy .pill", "class") == "pill warn"
+        assert await _cell(browser, row1, "disk-copy") == ("first copy 42.5 %", "initial")
+        assert await _cell(browser, row1, "disk-size") == ("10.0 GiB", str(10 * 1024 * MiB))
+        assert await _cell(browser, row1, "disk-lag-bytes") == ("6.0 GiB", str(6 * 1024 * MiB))
+        assert await _cell(browser, row1, "disk-lag-blocks") == ("98,304", "98304")
+        assert await _cell(browser, row1, "disk-lag-seconds") == ("12.50 s", "12.5")
+        assert await _cell(browser, row1, "disk-sent") == ("3.0 MiB", str(3 * MiB))
+        assert await _cell(browser, ROW0, "disk-copy") == ("streaming", "streaming")
+        assert await browser.text("#in-sync") == "copying disks"
+        assert await browser.text("#last-disks-verified") == "no"
+        assert await browser.attr("#last-disks-verified", "class") == "res-bad"
+        assert await _text_is(browser, "#last-disk-delta", "3.0 mib")
+
+        # The full compare after lost bitmaps shows the same way.
+        source["disks"][1].update(copy="compare", progress=0.9)
+        await eventually(lambda: _text_is(browser, row1 + ".disk-copy", "comparing 90.0 %"),
+                         "disk 1 comparing")
+        # Without disks the section goes away, and so do the last switch's disk lines.
+        source["disks"] = []
+        del source["last_switch"]["disks_verified"], source["last_switch"]["disk_final_delta_bytes"]
+        await eventually(lambda: browser.js("return document.getElementById('disks').hidden"),
+                         "disk section hidden")
+        assert not await browser.displayed("#last-disks-verified")
+        assert await browser.script_errors() == []
+
+    sink = {"role": "sink", "node": "laptop", "domain": "vm1", "time": time.time(),
+            "peer": {"connected": False, "node": "desktop", "error": "link lost"},
+            "acked_epoch": 7, "ram_bytes": 64 * MiB, "runs_domain": False, "shadow": {},
+            "disks": [{"index": 0, "path": "/var/lib/replicator/vm1/disk0.qcow2",
+                       "format": "qcow2", "size_bytes": 2 * 1024 * MiB, "generation": 12,
+                       "written_bytes": 700 * MiB, "writer": "down"}]}
+    async with api(StatusNode(sink), "t") as url:
+        await open_page(browser, url, "sink")
+        await eventually(lambda: _text_is(browser, ROW0 + ".disk-writer", "down"), "writer")
+        assert await browser.attr(ROW0 + ".disk-writer .pill", "class") == "pill bad"
+        assert await _cell(browser, ROW0, "disk-generation") == ("12", "12")
+        assert await _cell(browser, ROW0, "disk-written") == ("700.0 MiB", str(700 * MiB))
+        assert await _cell(browser, ROW0, "disk-size") == ("2.0 GiB", str(2 * 1024 * MiB))
+        heads = await browser.js("return [...document.querySelectorAll('#disk-head th')]"
+                                 ".map((th) => th.textContent)")
+        assert heads == ["Disk", "Path", "Format", "Size", "Generation", "Written", "Writer"]
+        assert not await browser.displayed("#last-switch")
+        assert await browser.script_errors() == []

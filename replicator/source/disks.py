@@ -114,6 +114,7 @@ class DiskReplicator:
         self._buf = bytearray(MAX_BATCH_BLOCKS * BLOCK_SIZE)
         self._link: Link | None = None
         self._pending_proof: tuple[int, float] | None = None    # (generation, frozen at)
+        self._active = False             # NBD server up, bitmaps recovered
         self._started = time.monotonic()
 
     @property
@@ -123,8 +124,7 @@ class DiskReplicator:
     # --- set-up ----------------------------------------------------------------------------
 
     async def setup(self) -> None:
-        """Find the disks, start QEMU's NBD server on our socket and make every disk record
-        into one bitmap generation (recovering what an earlier run left)."""
+        """Find the disks (works while they are inactive, e.g. after a switch)."""
         found = await self.tracking.disks()
         if not found:
             return
@@ -135,8 +135,21 @@ class DiskReplicator:
             size = int(nodes[d.node]["image"]["virtual-size"])
             if size > MAX_DISK_BYTES:
                 raise QemuError(f"disk {d.path} is larger than {MAX_DISK_BYTES >> 40} TiB")
+            self.metrics.disk_bytes.labels(str(i)).set(size)
             disks.append(_Disk(DiskLag(i, d.node, d.path, d.format, size), block_count(size),
                                np.full(block_count(size), ZERO_BLOCK_HASH, dtype=np.uint64)))
+        self.disks = disks
+        log.info("replicating %d disk(s): %s", len(disks),
+                 ", ".join(f"{d.info.path} ({d.info.format}, {d.info.size >> 20} MiB)"
+                           for d in disks))
+
+    async def _activate(self) -> None:
+        """Start QEMU's NBD server on our socket and make every disk record into one bitmap
+        generation (recovering what an earlier run left). Done at the first session, not at
+        start-up: a daemon restarted while its VM is paused with inactive disks (in the middle
+        of a switch) must start, and learn from the sink who runs the VM, first."""
+        if self._active:
+            return
         self.sock_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.sock_dir, 0o700)
         try:
@@ -153,10 +166,7 @@ class DiskReplicator:
             if r.full_compare:
                 log.warning("disk node %s: %s; its next round compares every block",
                             r.node, r.reason)
-        self.disks = disks
-        log.info("replicating %d disk(s): %s", len(disks),
-                 ", ".join(f"{d.info.path} ({d.info.format}, {d.info.size >> 20} MiB)"
-                           for d in disks))
+        self._active = True
 
     async def _our_server_runs(self) -> bool:
         if not self.sock.exists():
@@ -180,6 +190,7 @@ class DiskReplicator:
         self._link = None
         if not self.disks:
             return
+        await self._activate()
         await link.send(m.DiskOpen(self.describe()))
         manifests = [np.empty(d.nblocks, dtype=np.uint64) for d in self.disks]
         filled = [0] * len(self.disks)
