@@ -207,6 +207,25 @@ async def test_resume_sends_only_changed_blocks(shm_dir, guest):
         assert MiB <= resent <= MiB + 128 * 1024, resent
         await flushed(source)
         assert same_content(disk, copy)
+
+        # 3. The laptop crashed in the middle of a round: its copy holds a block its manifest
+        # does not know of (here: garbage at 5 MiB) and its state says unclean. The restarted
+        # laptop re-hashes the copy and the source repairs exactly that block.
+        await sink.stop()
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x99 {5 * MiB} 4096",
+                        str(copy)], check=True, capture_output=True)
+        state = shm_dir / "lap" / "vm" / "disk0.state.json"
+        import json
+        st = json.loads(state.read_text())
+        state.write_text(json.dumps({**st, "clean": False}))
+        sent = disk_status(source)["sent_bytes"]["raw"]
+        sink = SinkNode(load_config({**_raw(sink_cfg2), "peer": {
+            "listen": f"127.0.0.1:{port}", "id": sink_cfg2.peer.id}}))
+        await sink.start()
+        await wait_disk_synced(source)
+        assert disk_status(source)["sent_bytes"]["raw"] - sent == 64 * 1024
+        await flushed(source)
+        assert same_content(disk, copy)
     finally:
         await stop_nodes(source, sink)
 
