@@ -62,6 +62,7 @@ async def status(sock: Path) -> dict:
 @pytest.mark.parametrize("tracker", ["scan", "qemu-precopy"])
 @pytest.mark.parametrize("phase,expect_on", [
     ("source-paused", "desk"),         # before the final delta: the source resumes
+    ("sink-disks-released", "desk"),   # disk copies verified and released: the source resumes
     ("source-device-sent", "desk"),    # device state sent, commit lost: the source resumes
     ("sink-committed", "lap"),         # the sink committed: the source stays paused
 ])
@@ -73,6 +74,9 @@ async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, t
     q = {k: str(v) for k, v in qemu_table(guest).items() if isinstance(v, Path)}
     q.update({k: v for k, v in qemu_table(guest).items() if not isinstance(v, Path)})
     timeouts = {"timeout": 3.0}
+    # The VM has a qcow2 disk: it travels (and its copy is released at the switch) too.
+    disk = d / "desk-disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "32M"], check=True)
     (d / "lap.toml").write_text(_toml({
         "node": {"name": "laptop", "role": "sink", "state_dir": str(d / "lap")},
         "domain": {"name": "vm", "driver": "qemu", "qemu": q},
@@ -82,7 +86,8 @@ async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, t
         "node": {"name": "desktop", "role": "source", "state_dir": str(d / "desk")},
         "domain": {"name": "vm", "driver": "qemu", "tracker": tracker, "qemu": {
             **q, "launch": True, "ram_path": str(d / "desk-ram"),
-            "serial_log": str(d / "desk.log")}},
+            "serial_log": str(d / "desk.log"),
+            "disks": [{"path": str(disk), "format": "qcow2"}]}},
         "peer": {"address": f"{LAP_ADDR}:7400", "id": lap_id, **timeouts},
         "switch": {"step_timeout": 15.0},
         "stream": {"reconnect_delay": 0.5},
@@ -152,6 +157,13 @@ async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, t
             assert counters(d / "lap" / "vm" / "shadow-serial.log")[0] == before + 1
         else:
             assert not (d / "desk" / "vm" / "handed-over.json").exists()
+            # Replication of the disk goes on: a new round reaches the (re-opened) copy.
+            gen = (await status(d / "desk.sock"))["disks"][0]["acked_generation"]
+
+            async def disk_rounds() -> bool:
+                st = (await status(d / "desk.sock"))["disks"][0]
+                return st["copy"] == "streaming" and st["acked_generation"] > gen
+            await wait_until(disk_rounds, 60, "disk rounds after the rollback")
     finally:
         if source is not None:
             source.stop()
