@@ -499,6 +499,8 @@ class Switcher:
             else:
                 self.state.clear()
                 await self.driver.resume()
+                if rep.disks is not None:
+                    rep.disks.release()           # the disks replicate again
                 report.result = "rolled_back"
                 log.warning("switch %s: sink never committed; domain resumed here",
                             report.switch_id)
