@@ -72,6 +72,15 @@ def diskchecks(path: Path) -> list[tuple[bool, int]]:
         rb"DISKCHECK (OK|FAIL) (?:round=(\d+) (?:regions|bad)=\d+|no disk)\n", log)]
 
 
+def _disk_cell(disks: list[dict] | None) -> str:
+    """The demo's disk columns: lag and copy state of the first disk."""
+    if not disks:
+        return ""
+    d = disks[0]
+    state = d["copy"] if d["copy"] == "streaming" else f"{d['copy']} {d['progress']:.0%}"
+    return f"{_fmt_bytes(d['lag']['bytes']):>9} {state:>10}"
+
+
 def _toml(d: dict[str, Any], prefix: str = "") -> str:
     """Tiny TOML writer for the demo's configs (tables of scalars and lists)."""
     lines, tables = [], []
@@ -174,9 +183,17 @@ async def run_demo(args: argparse.Namespace) -> dict:
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else \
         (lambda *a: print(*a, flush=True))
     accel = getattr(args, "accel", "tcg")
+    disk_size = parse_size(getattr(args, "disk", "64MiB") or "0")
+    append = f"console=ttyS0 quiet fill={args.fill} dirty={args.dirty:g}"
+    disk = desk / "disk.qcow2"
+    if disk_size:
+        # A small qcow2 disk the guest checks (each round verifies the last one's writes) and
+        # writes to: it travels to the laptop's own copy with the VM.
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(disk_size)],
+                       check=True)
+        append += f" diskcheck=1 diskdirty={getattr(args, 'disk_dirty', 1.0):g}"
     qemu = {"ram_size": ram, "vcpus": 1, "accel": accel, "kernel": str(kernel),
-            "initrd": str(initrd),
-            "append": f"console=ttyS0 quiet fill={args.fill} dirty={args.dirty:g}"}
+            "initrd": str(initrd), "append": append}
     # Pairing, as `replicator id` + `replicator pair` would do on two machines.
     from .identity import Identity
     desk_id = Identity.load_or_create(desk / "identity", "desktop").node_id
@@ -200,7 +217,9 @@ async def run_demo(args: argparse.Namespace) -> dict:
             "node": {"name": "desktop", "role": "source", "state_dir": str(desk)},
             "domain": {"name": "demo", "driver": "qemu", "tracker": args.tracker, "qemu": {
                 **qemu, "launch": True, "ram_path": str(desk / "guest-ram"),
-                "serial_log": str(desk / "serial.log")}},
+                "serial_log": str(desk / "serial.log"),
+                # A plain path: its format is read from the image (the demo made it qcow2).
+                "disks": [str(disk)] if disk_size else []}},
             "peer": {"address": st["listen"], "id": lap_id},
             "control": {"listen": "127.0.0.1:0"},
         }
@@ -219,7 +238,7 @@ async def run_demo(args: argparse.Namespace) -> dict:
         say(f"desktop guest is up (COUNTER {counters(serial)[-1]} after "
             f"{time.monotonic() - t0:.1f} s); replicating:")
         say(f"{'t':>5}  {'lag':>10} {'pages':>7} {'lag s':>6}  {'dirty/s':>10}  "
-            f"{'link/s':>10}  {'est. downtime':>13}  sync")
+            f"{'link/s':>10}  {'est. downtime':>13}  sync  {'disk lag':>9} {'disk copy':>10}")
         t_rep = time.monotonic()
         st = {}
         while True:
@@ -231,10 +250,12 @@ async def run_demo(args: argparse.Namespace) -> dict:
                 f"{_fmt_bytes(st.get('dirty_rate_bytes_per_second', 0)):>10}  "
                 f"{_fmt_bytes(st.get('throughput_bytes_per_second', 0)):>10}  "
                 f"{st.get('switch_estimate_seconds', 0) * 1000:10.0f} ms  "
-                f"{'yes' if st.get('in_sync') else 'no'}")
+                f"{'yes' if st.get('in_sync') else 'no ':<4}  " + _disk_cell(st.get("disks")))
             elapsed = time.monotonic() - t_rep
             pre = st.get("precopy") or {}
             going = st.get("acked_epoch", 0) > 0 or (pre.get("dirty_sync_count") or 0) >= 2
+            # A switch waits for the disks' first copy (it is refused until then).
+            going = going and all(d["copy"] == "streaming" for d in st.get("disks") or [])
             if elapsed >= args.replicate_seconds and going:
                 break
             if elapsed > args.replicate_seconds + 120:
@@ -269,6 +290,26 @@ async def run_demo(args: argparse.Namespace) -> dict:
             "desktop_handed_over": st_src["handed_over"],
             "laptop_runs_domain": st_sink["runs_domain"],
         })
+        disks_ok = True
+        if disk_size:
+            d_src = st_src["disks"][0]
+            # The laptop's guest checks its disk again (the rounds after the switch verify
+            # what was written before it, on the copy).
+            t_wait = time.monotonic()
+            while len(diskchecks(shadow_serial)) < 3 and time.monotonic() - t_wait < 30:
+                await asyncio.sleep(0.2)
+            checks = diskchecks(serial) + diskchecks(shadow_serial)
+            result.update({
+                "disk_bytes": d_src["size_bytes"],
+                "disk_sent_bytes": d_src["sent_bytes"]["wire"],
+                "disk_final_delta_bytes": sw["disk_final_delta_bytes"],
+                "disk_verified": sw["disks_verified"],
+                "disk_checks_ok": sum(1 for ok, _ in checks if ok),
+                "disk_checks_failed": sum(1 for ok, _ in checks if not ok),
+                "disk_checks_on_laptop": len(diskchecks(shadow_serial)),
+            })
+            disks_ok = (sw["disks_verified"] and not result["disk_checks_failed"]
+                        and result["disk_checks_on_laptop"] > 0)
         say("")
         say("report")
         say(f"  guest RAM             {_fmt_bytes(ram)}")
@@ -284,11 +325,20 @@ async def run_demo(args: argparse.Namespace) -> dict:
             f"running)")
         say(f"  time to switch        {sw['time_to_switch_ms']:.1f} ms (request -> running)")
         say(f"  shadow verified       {sw['shadow_verified']}")
+        if disk_size:
+            say(f"  disk                  {_fmt_bytes(disk_size)} qcow2, sent "
+                f"{_fmt_bytes(result['disk_sent_bytes'])}, final delta "
+                f"{_fmt_bytes(result['disk_final_delta_bytes'])}, copy verified "
+                f"{result['disk_verified']}")
+            say(f"  guest disk checks     {result['disk_checks_ok']} OK, "
+                f"{result['disk_checks_failed']} FAILED ({result['disk_checks_on_laptop']} on "
+                "the laptop, on its copy)")
         say(f"  counter               desktop stopped at {counter_before}, laptop went on "
             f"with {after[:5]}")
         say(f"  desktop handed over   {st_src['handed_over']}; laptop runs the domain: "
             f"{st_sink['runs_domain']}")
-        ok = result["counter_continues"] and st_src["handed_over"] and st_sink["runs_domain"]
+        ok = (result["counter_continues"] and st_src["handed_over"] and st_sink["runs_domain"]
+              and disks_ok)
         say("  RESULT                " + ("the VM moved and kept running" if ok else "FAILED"))
         result["ok"] = ok
         return result

@@ -8,7 +8,7 @@ check where the guest has one. Copies are compared with ``qemu-img compare`` (gu
 
 from __future__ import annotations
 
-import asyncio
+import re
 import subprocess
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import pytest
 
 from replicator.config import load_config
 from replicator.daemon import SinkNode, SourceNode
-from replicator.demo import counters
+from replicator.demo import counters, diskchecks
 from replicator.vmm.qemu import QemuProcess
 
 from .conftest import pair_ids, wait_until
@@ -239,3 +239,56 @@ def _raw(cfg) -> dict:
                 "ram_size": q.ram_size, "accel": q.accel, "kernel": str(q.kernel),
                 "initrd": str(q.initrd), "append": q.append,
                 "disks": [{"path": str(x.path), "format": x.format} for x in q.disks]}}}
+
+
+@pytest.mark.parametrize("rate, tracker, mode", [
+    (0, "scan", "live"), (5, "qemu-precopy", "live"), (5, "scan", "stop"),
+    (50, "qemu-precopy", "stop"), (50, "scan", "live"), (50, "qemu-precopy", "live")])
+async def test_switch_under_disk_writes(shm_dir, guest, rate, tracker, mode):
+    """The guest writes its disk (``diskdirty`` MiB/s) and checks it every second
+    (``diskcheck``: each round verifies what the previous one wrote, every 8th all regions).
+    After the switch the laptop's guest goes on checking: a single block missing from the
+    copy fails its check."""
+    disk = shm_dir / "desk-disk.qcow2"
+    make_disk(disk, "qcow2")
+    sink_cfg, source_cfg = configs(shm_dir, guest, disk, "qcow2", tracker)
+    append = f"console=ttyS0 quiet fill=30 dirty=1 diskcheck=0.5 diskdirty={rate}"
+    sink_cfg = _with_append(sink_cfg, append)
+    sink = SinkNode(sink_cfg)
+    await sink.start()
+    source = SourceNode(_with_append(source_cfg(sink.address[1]), append))
+    await source.start()
+    desk_log = shm_dir / "desk.log"
+    shadow_log = shm_dir / "lap" / "vm" / "shadow-serial.log"
+    try:
+        await wait_until(lambda: len(diskchecks(desk_log)) >= 4, 90, "the guest's disk checks")
+        await wait_disk_synced(source)
+        await wait_until(lambda: source.status()["in_sync"], 60, "in sync")
+        if rate:
+            # Switch while the guest writes (and at least one rate report is out).
+            await wait_until(lambda: b"DISKDIRTY" in desk_log.read_bytes(), 30, "DISKDIRTY")
+        result = await source.switch(mode)
+        assert result["result"] == "ok" and result["disks_verified"], result
+        before = diskchecks(desk_log)
+        await wait_until(lambda: len([ok for ok, _ in diskchecks(shadow_log)]) >= 10, 60,
+                         "disk checks on the laptop")
+        after = diskchecks(shadow_log)
+        assert all(ok for ok, _ in before), before
+        assert all(ok for ok, _ in after), (after, shadow_log.read_text()[-2000:])
+        # The laptop's guest went on with the same rounds (no reboot), incl. full sweeps.
+        assert after[0][1] == before[-1][1] + 1 or after[0][1] == before[-1][1] + 2, \
+            (before[-3:], after[:3])
+        if rate:
+            achieved = [float(x) for x in re.findall(rb"DISKDIRTY (\d+(?:\.\d+)?)",
+                                                      desk_log.read_bytes())]
+            print(f"\n{tracker} {mode} at {rate} MiB/s (achieved {achieved[-3:]}): downtime "
+                  f"{result['downtime_ms']:.1f} ms, disk final delta "
+                  f"{result['disk_final_delta_bytes'] / MiB:.2f} MiB")
+    finally:
+        await stop_nodes(source, sink)
+
+
+def _with_append(cfg, append: str):
+    import dataclasses
+    q = dataclasses.replace(cfg.domain.qemu, append=append)
+    return dataclasses.replace(cfg, domain=dataclasses.replace(cfg.domain, qemu=q))

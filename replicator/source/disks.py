@@ -110,11 +110,13 @@ class DiskReplicator:
         self._lost = True                # bitmaps lost since start: every disk compares first
         self._lock = asyncio.Lock()      # one round at a time
         self._acked = asyncio.Condition()
-        self._held = asyncio.Event()     # set: no periodic rounds (a switch is under way)
+        self._free = asyncio.Event()     # clear: no periodic rounds (a switch holds them)
+        self._free.set()
         self._buf = bytearray(MAX_BATCH_BLOCKS * BLOCK_SIZE)
         self._link: Link | None = None
         self._pending_proof: tuple[int, float] | None = None    # (generation, frozen at)
         self._active = False             # NBD server up, bitmaps recovered
+        self._hurry = False
         self._started = time.monotonic()
 
     @property
@@ -238,19 +240,26 @@ class DiskReplicator:
         """The session's disk task: a round every ``disk_interval`` (back to back while a
         disk compares every block), and the lag figures in between."""
         while True:
+            await self._free.wait()
             if await self.round(link, periodic=True) is not None:
                 # One round in flight: the next rotation would only fold this one in again.
                 await self.wait_acked(self.sent_generation, ACK_TIMEOUT)
-            busy = any(d.full for d in self.disks)
+            busy = any(d.full for d in self.disks) or self._hurry
             await asyncio.sleep(0 if busy else self.interval)
             await self.refresh_lag()
 
+    def hurry(self) -> None:
+        """Rounds back to back (a switch is coming: the paused round gets only the writes of
+        the last one), until :meth:`release`."""
+        self._hurry = True
+
     def hold(self) -> None:
         """No periodic rounds until :meth:`release` (the switch runs its own)."""
-        self._held.set()
+        self._free.clear()
 
     def release(self) -> None:
-        self._held.clear()
+        self._free.set()
+        self._hurry = False
 
     # --- rounds ----------------------------------------------------------------------------
 
@@ -259,7 +268,7 @@ class DiskReplicator:
         sent (zero blocks count as their size). Does not wait for the acknowledgement.
         ``periodic``: skip it (None) while a switch holds the rounds."""
         async with self._lock:
-            if periodic and self._held.is_set():
+            if periodic and not self._free.is_set():
                 return None
             if self._link is not link:
                 raise PeerError("the disk session is not open on this link")
