@@ -30,11 +30,14 @@ import aiohttp
 import numpy as np
 import pytest
 
+from replicator.cli import _human_bytes
 from replicator.config import load_config
 from replicator.control.api import start_api
 from replicator.errors import SwitchError
 
-from .conftest import pair_ids
+from .conftest import pair_ids, wait_until
+from .test_disks_qemu import DISK, hmp_write, make_disk, start_pair, wait_disk_synced
+from .test_switch_qemu import stop_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
@@ -42,6 +45,9 @@ DEPLOY = ROOT / "deploy"
 DASHBOARD = GRAFANA / "replicator-dashboard.json"
 ALERTS = GRAFANA / "alerts.yml"
 MiB = 1024 * 1024
+# Disk metrics have series only where a domain has disks: the file-domain pair below has none,
+# so panels and rules on them are run against a real QEMU pair with a disk instead.
+DISK_METRIC = "replicator_disk_"
 
 # What the dashboard's Grafana variables become when the queries run here (scrape every 1s).
 BUILTIN_VARS = {"__rate_interval": "5s", "__interval": "2s", "__range": "1m",
@@ -174,7 +180,7 @@ def test_promtool_check_and_unit_test_alert_rules():
     r = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 6 rules found" in r.stdout, r.stdout
+    assert "SUCCESS: 7 rules found" in r.stdout, r.stdout
     assert "WARNING" not in r.stdout + r.stderr, r.stdout + r.stderr
     # When each alert fires and when it must stay quiet (synthetic series).
     r = subprocess.run([promtool, "test", "rules", str(GRAFANA / "alerts_test.yml")],
@@ -245,7 +251,10 @@ def test_dashboard_is_importable_and_provisionable():
                    "replicator_switch_downtime_seconds_bucket",
                    "replicator_last_switch_downtime_seconds", "replicator_peer_connected",
                    "replicator_reconnects_total", "replicator_sent_bytes_total",
-                   "replicator_pages_sent_total", "replicator_round_duration_seconds_bucket"):
+                   "replicator_pages_sent_total", "replicator_round_duration_seconds_bucket",
+                   "replicator_disk_lag_bytes", "replicator_disk_lag_blocks",
+                   "replicator_disk_lag_seconds", "replicator_disk_sent_bytes_total",
+                   "replicator_disk_written_bytes_total", "replicator_disk_size_bytes"):
         assert metric in exprs, f"no panel shows {metric}"
     # Provisioning examples point at this dashboard's datasource type and a dashboards folder.
     dsy = (GRAFANA / "provisioning" / "datasource.yaml").read_text()
@@ -376,7 +385,7 @@ async def test_prometheus_runs_every_dashboard_and_alert_query(shm_dir, workload
                 rules = [r for g in data["data"]["groups"] for r in g["rules"]]
                 return rules if rules and all(r["health"] != "unknown" for r in rules) else None
             rules = await prom.wait("all rules evaluated", rules_evaluated)
-            assert len(rules) == 6, [r["name"] for r in rules]
+            assert len(rules) == 7, [r["name"] for r in rules]
             bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
             assert not bad, f"rules failing to evaluate: {bad}"
 
@@ -393,6 +402,8 @@ async def test_prometheus_runs_every_dashboard_and_alert_query(shm_dir, workload
             # connected pair; the thresholded exprs are quiet except the failed switch.
             checked_alerts = {}
             for r in rules:
+                if DISK_METRIC in r["query"]:
+                    continue            # no disks here: see test_disk_metrics_...
                 signal_expr = strip_threshold(r["query"])
                 res = await prom.query(signal_expr, at=t_mid)
                 assert res, f"alert {r['name']}: signal returns no series: {signal_expr}"
@@ -431,6 +442,8 @@ async def test_prometheus_runs_every_dashboard_and_alert_query(shm_dir, workload
             # Every dashboard query returns series, and its legend's labels exist on them.
             checked_panels = []
             for panel, t in dashboard_targets(dash):
+                if DISK_METRIC in t["expr"]:
+                    continue            # no disks here: see test_disk_metrics_...
                 expr = substitute(t["expr"], variables)
                 res = await prom.query(expr, at=t_end)
                 assert res, f"panel {panel['title']!r} {t['refId']}: no series for {expr}"
@@ -461,6 +474,156 @@ async def test_prometheus_runs_every_dashboard_and_alert_query(shm_dir, workload
     print("dashboard queries checked:")
     for title, ref, expr, n in checked_panels:
         print(f"  [{title} / {ref}] {n} series  <- {expr}")
+
+
+async def cli(*args: str) -> str:
+    """The real `replicator` command; its stdout (a non-zero exit fails)."""
+    rc, out, err = await run(str(replicator_exe()), *args, timeout=120)
+    assert rc == 0, f"replicator {' '.join(args)}: exit {rc}\n{out}{err}"
+    return out
+
+
+async def watch_screen(url: str, want: str) -> str:
+    """`replicator status --watch`: the first screen that contains `want` (then stopped)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(replicator_exe()), "status", "--watch", "--interval", "0.2", "--url", url,
+        "--token-file", "/nonexistent", stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    screen = ""
+    try:
+        async def read() -> str:
+            buf = ""
+            while True:
+                chunk = await proc.stdout.read(4096)
+                assert chunk, f"status --watch ended; last output:\n{buf[-2000:]}"
+                buf += chunk.decode()
+                screens = buf.split("\x1b[H\x1b[2J")
+                for sc in screens[:-1] if len(screens) > 1 else []:
+                    if want in sc:
+                        return sc
+        screen = await asyncio.wait_for(read(), 60)
+    finally:
+        proc.terminate()
+        await proc.wait()
+    return screen
+
+
+DISK_LINE = re.compile(r"^  disk 0    (?P<path>\S+) \(qcow2, 64\.0 MiB\): (?P<copy>streaming); "
+                       r"lag (?P<lag>\d+ B|\d+\.\d (KiB|MiB)), (?P<blocks>\d+) blocks, "
+                       r"(?P<secs>\d+\.\d\d) s$", re.M)
+
+
+@pytest.mark.qemu
+async def test_disk_metrics_panels_alert_and_cli_on_a_qemu_disk_pair(shm_dir, guest, tmp_path):
+    """A real QEMU guest with a qcow2 disk: the disk metrics pass `promtool check metrics`,
+    every disk panel and the disk alert's signal return series in a real Prometheus (with the
+    disk's true size and a non-zero throughput after a write), and `replicator status` (plain
+    and --watch) and `replicator switch` show the disk's figures and the switch's."""
+    promtool = tool("promtool")
+    dash = dashboard()
+    variables = [v["name"] for v in dash["templating"]["list"] if v["type"] != "datasource"]
+    disk = shm_dir / "desk-disk.qcow2"
+    make_disk(disk, "qcow2", (0x11, 0, 8 * MiB))
+    sink, source = await start_pair(shm_dir, guest, disk, "qcow2", "qemu-precopy")
+    copy = shm_dir / "lap" / "vm" / "disk0.qcow2"
+    token_file = tmp_path / "api-token"
+    token_file.write_text("test-token\n")
+    runners = []
+    try:
+        urls = {}
+        for role, node in (("source", source), ("sink", sink)):
+            runner, url = await start_api(node, "127.0.0.1:0", "test-token")
+            runners.append(runner)
+            urls[role] = url
+        await wait_disk_synced(source)
+        # The lag gauges are set between rounds (the disk task refreshes them after each).
+        await wait_until(lambda: b'replicator_disk_lag_seconds{disk="0"}'
+                         in source.metrics.exposition(), 30, "the disk lag gauges")
+
+        # The exposition with disk series, linted.
+        needles = {"source": ['replicator_disk_size_bytes{disk="0"} 6.7108864e+07',
+                              'replicator_disk_sent_bytes_total{disk="0",kind="wire"}',
+                              'replicator_disk_sent_bytes_total{disk="0",kind="raw"}',
+                              'replicator_disk_lag_bytes{disk="0"}',
+                              'replicator_disk_lag_blocks{disk="0"}',
+                              'replicator_disk_lag_seconds{disk="0"}'],
+                   "sink": ['replicator_disk_written_bytes_total{disk="0"}']}
+        for role, url in urls.items():
+            body = await http_get(url + "/metrics")
+            for needle in needles[role]:
+                assert needle in body.decode(), f"{needle} not in the {role}'s /metrics"
+            rc, out, err = await run(promtool, "check", "metrics", stdin=body)
+            assert (rc, out, err) == (0, "", ""), \
+                f"promtool check metrics on the {role}'s /metrics:\n{out}{err}"
+
+        # `replicator status`: a line per disk on both sides.
+        out = await cli("status", "--url", urls["source"], "--token-file", str(token_file))
+        m = DISK_LINE.search(out)
+        assert m and m["path"] == str(disk), out
+        assert int(m["blocks"]) >= 0 and float(m["secs"]) >= 0, out
+        out = await cli("status", "--url", urls["sink"], "--token-file", str(token_file))
+        m = re.search(r"^  disk 0    (\S+) \(qcow2, 64\.0 MiB\): generation (\d+), "
+                      r"(\d+\.\d MiB) written, writer running$", out, re.M)
+        assert m and m[1] == str(copy) and int(m[2]) >= 1, out
+        screen = await watch_screen(urls["source"], "  disk 0 ")
+        assert DISK_LINE.search(screen), screen
+
+        async with prometheus(tmp_path, [u.removeprefix("http://") for u in urls.values()]
+                              ) as prom:
+            await prom.scraped('replicator_disk_size_bytes{disk="0"}', 3)
+            await prom.scraped('replicator_disk_written_bytes_total{disk="0"}', 3)
+            # A 4 MiB write through the guest's disk: throughput and the sink's writes show it.
+            await hmp_write(source, 0x22, 20 * MiB, 4 * MiB)
+            await wait_disk_synced(source)
+            disk_targets = [(p, t) for p, t in dashboard_targets(dash) if DISK_METRIC in t["expr"]]
+            assert {p["title"] for p, _ in disk_targets} == {
+                "Disk lag (bytes)", "Disk lag (blocks)", "Disk lag (seconds)",
+                "Disk throughput: raw vs wire", "Disk copies written (sink)", "Disk sizes"}
+            for panel, t in disk_targets:
+                expr = substitute(t["expr"], variables)
+                if "rate(" in expr:
+                    # Rates are above 0 while the write is within the rate window.
+                    async def moving(expr=expr):
+                        res = await prom.query(expr)
+                        return res if res and all(float(s["value"][1]) > 0 for s in res) \
+                            else None
+                    res = await prom.wait(f"{panel['title']} > 0", moving)
+                else:
+                    res = await prom.query(expr)
+                assert res, f"panel {panel['title']!r}: no series for {expr}"
+                for s in res:
+                    assert s["metric"]["disk"] == "0" and s["metric"]["domain"] == "vm", s
+                    for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", t["legendFormat"]):
+                        assert label in s["metric"], (panel["title"], label, s)
+                if panel["title"] == "Disk sizes":
+                    assert float(res[0]["value"][1]) == DISK
+                if panel["title"] == "Disk throughput: raw vs wire":
+                    assert sorted(s["metric"]["kind"] for s in res) == ["raw", "wire"], res
+
+            # The disk alert's signal has the disk's series; a pair keeping up does not fire.
+            data = await http_get(prom.base + "/api/v1/rules")
+            rule = next(r for g in data["data"]["groups"] for r in g["rules"]
+                        if r["name"] == "ReplicatorDiskLagHigh")
+            res = await prom.query(strip_threshold(rule["query"]))
+            assert [(s["metric"]["disk"], s["metric"]["domain"]) for s in res] == [("0", "vm")]
+            assert await prom.query(rule["query"]) == []
+
+        # A stop-mode switch with the CLI: its report and the status show the disks' part.
+        out = await cli("switch", "--mode", "stop", "--url", urls["source"],
+                        "--token-file", str(token_file))
+        report = source.switcher.last
+        assert report is not None and report.result == "ok" and report.disks_verified, out
+        assert re.search(r"disks: final delta (\d+ B|\d+\.\d (KiB|MiB)), verified$",
+                         out.strip()), out
+        out = await cli("status", "--url", urls["source"], "--token-file", str(token_file))
+        m = re.search(r"^  last      ok \(stop\): .*\n            disks: final delta "
+                      r"(\d+ B|\d+\.\d (KiB|MiB)), verified$", out, re.M)
+        assert m, out
+        assert m[1] == _human_bytes(report.disk_final_delta_bytes), (m[1], report)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        await stop_nodes(source, sink)
 
 
 # ---------------------------------------------------------------------------------------------
