@@ -117,6 +117,7 @@ class DiskReplicator:
         self._pending_proof: tuple[int, float] | None = None    # (generation, frozen at)
         self._active = False             # NBD server up, bitmaps recovered
         self._hurry = False
+        self._to_confirm: set[int] = set()   # acknowledged rounds whose bitmaps are still there
         self._started = time.monotonic()
 
     @property
@@ -171,14 +172,15 @@ class DiskReplicator:
         self._active = True
 
     async def _our_server_runs(self) -> bool:
-        if not self.sock.exists():
-            return False
+        """Does a server listen on our socket (QEMU's NBD server, started by an earlier run
+        of this daemon: only we create sockets in our 0700 directory)?"""
         try:
-            client = await NbdClient.connect_unix(self.sock, "", timeout=2)
-        except (QemuError, OSError):
-            # No export by the name "" is the expected refusal: the server answered.
-            return True
-        await client.close()
+            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.sock), 2)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
         return True
 
     def describe(self) -> tuple[m.DiskInfo, ...]:
@@ -223,6 +225,9 @@ class DiskReplicator:
                 log.info("disk %s: the sink's copy is at generation %d, our bitmaps hold "
                          "%d..%d: comparing every block", d.info.path, gen,
                          self.covered_from, current)
+        if not any(d.full for d in self.disks):
+            # What the sink holds is acknowledged, whichever run of ours sent it.
+            self.acked = max(self.acked, min(msg.generations))
         self._link = link
         self.proven_at = None
 
@@ -272,6 +277,10 @@ class DiskReplicator:
                 return None
             if self._link is not link:
                 raise PeerError("the disk session is not open on this link")
+            # Drop the bitmaps of acknowledged rounds here, under the lock: done from the
+            # receiver (on the ack) it raced with rotate()'s transaction, which then named a
+            # bitmap that was gone ("Dirty bitmap ... not found").
+            await self._confirm_acked()
             frozen = await self.tracking.rotate()
             frozen_at = time.monotonic()
             sent = 0
@@ -360,10 +369,15 @@ class DiskReplicator:
                 self.proven_at = pending[1]
             for d in self.disks:
                 d.info.acked_generation = self.acked
+            self._to_confirm.add(generation)
             self._acked.notify_all()
         self.covered_from = max(self.covered_from, generation + 1)
-        with contextlib.suppress(QemuError):
+
+    async def _confirm_acked(self) -> None:
+        """Remove the frozen bitmaps of acknowledged rounds (caller holds the round lock)."""
+        for generation in sorted(self._to_confirm):
             await self.tracking.confirm(generation)
+            self._to_confirm.discard(generation)
 
     async def wait_acked(self, generation: int, timeout: float) -> None:
         async def waiter() -> None:
@@ -403,9 +417,12 @@ class DiskReplicator:
         """Per disk: bytes written and not yet durable on the sink (our bitmaps' counts), and
         the age of the oldest of them."""
         try:
-            counts = await self.tracking.dirty_bytes()
+            bitmaps = await self.tracking.bitmaps()
         except QemuError:
             return                   # inactive (switched) or busy: keep the last figures
+        # Rounds acknowledged but not yet dropped are with the sink already.
+        counts = {node: sum(b.count for b in bms if b.generation > self.acked)
+                  for node, bms in bitmaps.items()}
         now = time.monotonic()
         streaming = self._link is not None and self.proven_at is not None
         since = self.proven_at if self.proven_at is not None else self._started
