@@ -404,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how dirty pages are found (default qemu-precopy)")
     sp.add_argument("--dirty", type=float, default=5.0, help="guest dirty rate, MB/s")
     sp.add_argument("--fill", type=int, default=50, help="percent of guest RAM filled")
+    sp.add_argument("--disk", default="64MiB",
+                    help="size of the guest's qcow2 disk, which travels with it (0: none)")
+    sp.add_argument("--disk-dirty", type=float, default=1.0,
+                    help="guest disk write rate, MiB/s (besides its disk check)")
     sp.add_argument("--replicate-seconds", type=float, default=8.0)
     sp.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
                     help="tcg works everywhere; kvm where guests really run under it")

@@ -183,7 +183,7 @@ async def run_demo(args: argparse.Namespace) -> dict:
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else \
         (lambda *a: print(*a, flush=True))
     accel = getattr(args, "accel", "tcg")
-    disk_size = parse_size(getattr(args, "disk", "64MiB") or "0")
+    disk_size = parse_size(args.disk or "0")
     append = f"console=ttyS0 quiet fill={args.fill} dirty={args.dirty:g}"
     disk = desk / "disk.qcow2"
     if disk_size:
@@ -191,7 +191,7 @@ async def run_demo(args: argparse.Namespace) -> dict:
         # writes to: it travels to the laptop's own copy with the VM.
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(disk_size)],
                        check=True)
-        append += f" diskcheck=1 diskdirty={getattr(args, 'disk_dirty', 1.0):g}"
+        append += f" diskcheck=1 diskdirty={args.disk_dirty:g}"
     qemu = {"ram_size": ram, "vcpus": 1, "accel": accel, "kernel": str(kernel),
             "initrd": str(initrd), "append": append}
     # Pairing, as `replicator id` + `replicator pair` would do on two machines.
