@@ -90,6 +90,16 @@ SAMPLES: dict[type, list] = {
                     m.PrecopyData(3, b"")],
     m.PrecopyReturn: [m.PrecopyReturn(3, b"\x00\x07\x00\x00")],
     m.SwitchRelease: [m.SwitchRelease("abc123")],
+    m.DiskOpen: [m.DiskOpen((m.DiskInfo(0, 64 << 20, "qcow2", 65536),
+                             m.DiskInfo(1, 512, "raw", 65536))), m.DiskOpen(())],
+    m.DiskManifest: [m.DiskManifest(0, 0, b"\x01" * 8 * 16), m.DiskManifest(1, 1024, b"")],
+    m.DiskOpened: [m.DiskOpened((0, 2**40 + 7)), m.DiskOpened(())],
+    m.DiskBatch: [m.DiskBatch(9, 0, "zstd", b"\x01\x00\x00\x00", b"\x02\x00\x00\x00",
+                              b"h" * 8, 65536, b"z" * 100),
+                  m.DiskBatch(1, 1, "none", b"", b"", b"", 0, b"")],
+    m.DiskRoundEnd: [m.DiskRoundEnd(9)],
+    m.DiskAck: [m.DiskAck(9)],
+    m.SwitchDisks: [m.SwitchDisks("sw-1", (b"d" * 16,)), m.SwitchDisks("sw-2", ())],
 }
 
 ALL_SAMPLES = [s for cls in m.MESSAGE_TYPES for s in SAMPLES.get(cls, [])]
@@ -247,7 +257,7 @@ def test_malformed_not_a_list_of_type_and_fields(obj):
         decode_all(raw_frame(obj))
 
 
-@pytest.mark.parametrize("type_id", [0, 14, 19, 27, 255, -1, 2**64 - 1])
+@pytest.mark.parametrize("type_id", [0, 14, 19, 28, 56, 255, -1, 2**64 - 1])
 def test_malformed_unknown_type(type_id):
     with pytest.raises(MalformedFrame, match="unknown message type"):
         decode_all(raw_frame([type_id, 1]))
@@ -406,7 +416,7 @@ def _conforms(v, tp) -> bool:
     if tp is int:
         return type(v) is int
     if tp is float:
-        return type(v) in (int, float)
+        return type(v) in (int, float) and float(v) == v
     if tp is bool:
         return type(v) is bool
     if tp is str:
@@ -776,3 +786,15 @@ def test_messages_with_tuples_are_capped_in_size():
 def test_non_canonical_frame_starts_are_refused(body):
     with pytest.raises(MalformedFrame):
         decode_all(frame(body))
+
+
+def test_float_field_refuses_an_integer_it_cannot_hold_exactly():
+    """2**53 + 1 as a float is 2**53: decoding must refuse it, not change the number (found
+    by the property test above)."""
+    body = msgpack.unpackb(encode(m.SwitchResult("s", "commit", True, "", 0.0))[4:])
+    body[5] = 2**53 + 1
+    with pytest.raises(MalformedFrame, match="not exactly a float"):
+        decode_all(raw_frame(body))
+    body[5] = 2**53
+    (out,) = decode_all(raw_frame(body))
+    assert out.resumed_at == float(2**53)

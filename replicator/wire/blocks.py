@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import lz4.block
 import numpy as np
 import xxhash
-import zstandard
 
 from ..errors import IntegrityError, MalformedFrame
 from .messages import DiskBatch
-from .pages import Compressor
+from .pages import Compressor, decompress
 
 BLOCK_SIZE = 64 * 1024
 ZERO_BLOCK_HASH = xxhash.xxh3_64_intdigest(bytes(BLOCK_SIZE))
@@ -81,8 +79,6 @@ def encode_blocks(generation: int, disk: int, indices: np.ndarray, buf: memoryvi
     return EncodedBlocks(msg, n - ndata, ndata, n * BLOCK_SIZE)
 
 
-_zd = zstandard.ZstdDecompressor()
-
 
 @dataclass(frozen=True, slots=True)
 class DecodedBlocks:
@@ -116,25 +112,7 @@ def decode_blocks(batch: DiskBatch, nblocks: int) -> DecodedBlocks:
     listed = np.concatenate([zero, blocks])
     if len(np.unique(listed)) != len(listed):
         raise MalformedFrame("a block is listed more than once in the batch")
-    if not blocks.size:
-        data = b""
-    elif batch.codec == "zstd":
-        try:
-            declared = zstandard.frame_content_size(batch.payload)
-            if declared > batch.raw_len:
-                raise MalformedFrame("zstd payload declares more than raw_len bytes")
-            data = _zd.decompress(batch.payload, max_output_size=batch.raw_len)
-        except zstandard.ZstdError as exc:
-            raise MalformedFrame(f"zstd payload: {exc}") from None
-    elif batch.codec == "lz4":
-        try:
-            data = lz4.block.decompress(batch.payload, uncompressed_size=batch.raw_len)
-        except Exception as exc:  # lz4 raises LZ4BlockError
-            raise MalformedFrame(f"lz4 payload: {exc}") from None
-    elif batch.codec == "none":
-        data = batch.payload
-    else:
-        raise MalformedFrame(f"unknown codec {batch.codec!r}")
+    data = decompress(batch.codec, batch.payload, batch.raw_len) if blocks.size else b""
     if len(data) != batch.raw_len:
         raise MalformedFrame("payload does not decompress to raw_len bytes")
     actual = hash_blocks(data, len(blocks))

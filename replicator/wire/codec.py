@@ -51,7 +51,11 @@ def _checker(tp: Any) -> Callable[[Any], Any]:
         def check_float(v: Any) -> float:
             if type(v) not in (int, float):
                 raise MalformedFrame(f"expected float, got {type(v).__name__}")
-            return float(v)
+            f = float(v)
+            if f != v:
+                # An integer beyond 2**53 would silently become another number.
+                raise MalformedFrame(f"integer {v} is not exactly a float")
+            return f
         return check_float
     if tp is bool:
         def check_bool(v: Any) -> bool:

@@ -97,6 +97,27 @@ def encode_batch(epoch: int, region: str, indices: np.ndarray, buf: memoryview |
 _zd = zstandard.ZstdDecompressor()
 
 
+def decompress(codec: str, payload: bytes, raw_len: int) -> bytes:
+    """A batch payload back to at most ``raw_len`` bytes; a payload that claims (or would
+    produce) more is refused before anything that large is allocated."""
+    if codec == "zstd":
+        try:
+            # A frame may declare any content size; refuse before zstd allocates for it.
+            if zstandard.frame_content_size(payload) > raw_len:
+                raise MalformedFrame("zstd payload declares more than raw_len bytes")
+            return _zd.decompress(payload, max_output_size=raw_len)
+        except zstandard.ZstdError as exc:
+            raise MalformedFrame(f"zstd payload: {exc}") from None
+    if codec == "lz4":
+        try:
+            return lz4.block.decompress(payload, uncompressed_size=raw_len)
+        except Exception as exc:  # lz4 raises LZ4BlockError
+            raise MalformedFrame(f"lz4 payload: {exc}") from None
+    if codec == "none":
+        return payload
+    raise MalformedFrame(f"unknown codec {codec!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class DecodedBatch:
     zero: np.ndarray          # uint32 indices
@@ -127,25 +148,7 @@ def decode_batch(batch: PageBatch, npages: int) -> DecodedBatch:
     listed = np.concatenate([zero, pages])
     if len(np.unique(listed)) != len(listed):
         raise MalformedFrame("a page is listed more than once in the batch")
-    if batch.codec == "zstd":
-        try:
-            # A frame may declare any content size; refuse before zstd allocates for it.
-            declared = zstandard.frame_content_size(batch.payload) if pages.size else 0
-            if declared > batch.raw_len:
-                raise MalformedFrame("zstd payload declares more than raw_len bytes")
-            data = _zd.decompress(batch.payload, max_output_size=batch.raw_len) if pages.size else b""
-        except zstandard.ZstdError as exc:
-            raise MalformedFrame(f"zstd payload: {exc}") from None
-    elif batch.codec == "lz4":
-        try:
-            data = lz4.block.decompress(batch.payload, uncompressed_size=batch.raw_len) \
-                if pages.size else b""
-        except Exception as exc:  # lz4 raises LZ4BlockError
-            raise MalformedFrame(f"lz4 payload: {exc}") from None
-    elif batch.codec == "none":
-        data = batch.payload
-    else:
-        raise MalformedFrame(f"unknown codec {batch.codec!r}")
+    data = decompress(batch.codec, batch.payload, batch.raw_len) if pages.size else b""
     if len(data) != batch.raw_len:
         raise MalformedFrame("payload does not decompress to raw_len bytes")
     actual = hash_pages(data, len(pages))
