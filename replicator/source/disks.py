@@ -388,8 +388,19 @@ class DiskReplicator:
                     await self._acked.wait()
         await asyncio.wait_for(waiter(), timeout)
 
-    async def sync(self, link: Link, timeout: float) -> int:
-        """One round now, acknowledged (the switch's final delta when the guest is paused)."""
+    async def sync(self, link: Link, timeout: float, *, paused: bool = False) -> int:
+        """One round now, acknowledged. ``paused``: the guest cannot write (the switch's
+        final delta), so when no bitmap counts a write since the last acknowledged round
+        there is nothing to send and the round (QMP, NBD, a flush on the sink) is skipped."""
+        if paused and not any(d.full for d in self.disks):
+            async with self._lock:
+                # Wait for a round in flight: once acknowledged its blocks are with the sink.
+                pass
+            await self.wait_acked(self.sent_generation, timeout)
+            bitmaps = await self.tracking.bitmaps()
+            if not any(b.count for bms in bitmaps.values() for b in bms
+                       if b.generation > self.acked):
+                return 0
         sent = await self.round(link) or 0
         await self.wait_acked(self.sent_generation, timeout)
         return sent

@@ -380,7 +380,7 @@ class Switcher:
             raise PeerError("link to the sink lost before the last disk round")
         disks.hold()
         report.disk_final_delta_bytes = await disks.sync(
-            link, self._drain_timeout(disks.lag_bytes))
+            link, self._drain_timeout(disks.lag_bytes), paused=True)
         await checkpoint("source-disk-delta")
         await disks.quiesce()
         report.phase = "disk-verify"
