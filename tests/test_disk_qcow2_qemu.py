@@ -1,8 +1,8 @@
-"""A qcow2 disk on shared storage moves with the VM as qcow2, never handed to QEMU as raw.
+"""Disk formats: the laptop's copy is opened as what it is, never handed to QEMU as raw.
 
 Real QEMU guests (TCG here): the desktop VM runs with a qcow2 disk (``qemu-img create``), the
-laptop's config names the same path (format probed, or given), the switch runs, and the
-shadow QEMU is asked (``query-block``) how it opened the disk.
+laptop's config names its own copy (format probed, or given: the copy's format is the laptop's
+choice), the switch runs, and the shadow QEMU is asked (``query-block``) how it opened it.
 """
 
 from __future__ import annotations
@@ -57,12 +57,15 @@ def source_config(d: Path, guest, port: int, disks: list, tracker: str):
         "stream": {"reconnect_delay": 0.2}})
 
 
-@pytest.mark.parametrize("tracker", ["qemu-precopy", "scan"])
-async def test_qcow2_disk_switches_as_qcow2(shm_dir, guest, tracker):
+@pytest.mark.parametrize("tracker, copy_format", [("qemu-precopy", None), ("scan", "raw")])
+async def test_qcow2_disk_switches_onto_the_laptops_copy(shm_dir, guest, tracker, copy_format):
     disk = make_qcow2(shm_dir)
-    # The laptop gives the short form (format probed from the file), the desktop an explicit
-    # format; the sink also checks both against what the desktop's QEMU reports.
-    sink = SinkNode(sink_config(shm_dir, guest, [str(disk)]))
+    # The laptop gives the short form (a new copy takes the desktop disk's format) or its own
+    # format (a raw copy of a qcow2 disk: blocks are copied as the guest sees them).
+    copy = shm_dir / f"copy.{copy_format or 'qcow2'}"
+    laptop_disk = str(copy) if copy_format is None else {"path": str(copy),
+                                                          "format": copy_format}
+    sink = SinkNode(sink_config(shm_dir, guest, [laptop_disk]))
     await sink.start()
     source = SourceNode(source_config(shm_dir, guest, sink.address[1],
                                       [{"path": str(disk), "format": "qcow2"}], tracker))
@@ -76,41 +79,48 @@ async def test_qcow2_disk_switches_as_qcow2(shm_dir, guest, tracker):
             await wait_until(lambda: len(counters(shm_dir / "desk.log")) >= 2, 90, "the counter")
             await asyncio.wait_for(source.rep.connected.wait(), 30)
             await bulk_done(source)
+        await wait_until(lambda: source.rep.disks.ready() == "", 60, "the disk's first copy")
         result = await source.switch("stop")
         assert result["result"] == "ok" and result["shadow_verified"]
+        assert result["disks_verified"]
         before = counters(shm_dir / "desk.log")[-1]
         shadow = sink.switch_handler.shadow
         shadow_log = shm_dir / "lap" / "vm" / "shadow-serial.log"
         await wait_until(lambda: len(counters(shadow_log)) >= 3, 30, "the shadow's counter")
         assert_continues(before, counters(shadow_log))
         assert await shadow.proc.status() == "running"
+        fmt = copy_format or "qcow2"
         lap = await query_disks(shadow.proc)
-        assert [(d.path, d.format, d.node) for d in lap] == [(str(disk), "qcow2", "disk0")]
+        assert [(d.path, d.format, d.node) for d in lap] == [(str(copy), fmt, "disk0")]
         blocks = await shadow.proc.execute("query-block")
-        assert [b["inserted"]["drv"] for b in blocks if b.get("inserted")] == ["qcow2"]
+        assert [b["inserted"]["drv"] for b in blocks if b.get("inserted")] == [fmt]
     finally:
         await stop_nodes(source, sink)
-    check = qemu_img("check", "-f", "qcow2", str(disk))
-    assert check.returncode == 0, check.stdout + check.stderr
+    for image, fmt in ((disk, "qcow2"), (copy, copy_format or "qcow2")):
+        if fmt == "qcow2":
+            check = qemu_img("check", "-f", "qcow2", str(image))
+            assert check.returncode == 0, check.stdout + check.stderr
 
 
-async def test_format_disagreement_refused(shm_dir, guest):
-    """The laptop's config says raw for the desktop's qcow2 disk: replication is refused with
-    both formats named, and no shadow ever opens the image."""
+async def test_the_desktops_own_disk_is_refused_as_the_copy(shm_dir, guest):
+    """A laptop config from the days of shared storage names the desktop's disk itself: it
+    is refused with a clear message, and nothing writes into the running VM's disk."""
     disk = make_qcow2(shm_dir)
-    sink = SinkNode(sink_config(shm_dir, guest, [{"path": str(disk), "format": "raw"}]))
+    sink = SinkNode(sink_config(shm_dir, guest, [str(disk)]))
     await sink.start()
     source = SourceNode(source_config(shm_dir, guest, sink.address[1], [str(disk)], "scan"))
     try:
         await source.start()
         rep = source.rep
-        await wait_until(lambda: rep.last_error or rep.connected.is_set(), 30, "the Hello")
+        await wait_until(lambda: "own disk" in rep.last_error, 30, "the refusal")
+        assert f"this laptop's copy {disk} is the desktop VM's own disk" in rep.last_error
         assert not rep.connected.is_set()
-        assert f"disk {disk}: the source's QEMU has it open as qcow2" in rep.last_error
-        assert "this laptop would open it as raw" in rep.last_error
         assert sink.switch_handler.shadow.proc is None
+        assert sink.status()["disks"] == []
     finally:
         await stop_nodes(source, sink)
+    check = qemu_img("check", "-f", "qcow2", str(disk))
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 async def test_shadow_refuses_a_file_its_header_named_after_the_check(shm_dir, guest,
@@ -121,7 +131,7 @@ async def test_shadow_refuses_a_file_its_header_named_after_the_check(shm_dir, g
     from replicator.sink.qemu_shadow import QemuShadow
     from replicator.sink.receiver import SinkReceiver
     from replicator.sink.store import ShadowStore
-    from replicator.wire.messages import RegionInfo
+    from replicator.wire.messages import DiskInfo, RegionInfo
     from replicator.errors import DomainError
     from replicator.vmm.qemu import RAM_BACKEND_ID
 
@@ -138,6 +148,10 @@ async def test_shadow_refuses_a_file_its_header_named_after_the_check(shm_dir, g
     rec = SinkReceiver(cfg)
     ram = cfg.domain.qemu.ram_size
     rec.store = ShadowStore.open(rec.root, [RegionInfo(RAM_BACKEND_ID, ram, 4096)])
+    # The receiver holds the copy (as after the source's DiskOpen) and has released it (as
+    # at a switch): the shadow opens it.
+    await rec.disks.open((DiskInfo(0, 1 << 20, "qcow2", 65536),))
+    await rec.disks.verify_and_release(rec.disks.digests())
     shadow = QemuShadow(cfg, rec)
     real_launch = QemuProcess.launch
 

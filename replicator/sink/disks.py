@@ -110,9 +110,20 @@ class DiskCopies:
             if not 0 < d.size <= MAX_DISK_BYTES or d.size % 512:
                 raise LayoutMismatch(f"disk {i}: impossible size {d.size}")
 
-    async def open(self, disks: tuple[m.DiskInfo, ...]) -> None:
-        """Get a copy of every offered disk ready to write (creating missing ones)."""
+    async def open(self, disks: tuple[m.DiskInfo, ...],
+                   source_paths: tuple[str, ...] = ()) -> None:
+        """Get a copy of every offered disk ready to write (creating missing ones).
+        ``source_paths``: where the source's QEMU has its disks (its description): a copy may
+        not be one of them (a config from the days of shared storage would have the copy
+        written into the running VM's own disk)."""
         self._check_offer(disks)
+        for i in range(len(disks)):
+            path, _ = self._path_and_format(i, disks[i])
+            if any(_same_file(path, p) for p in source_paths):
+                raise LayoutMismatch(
+                    f"disk {i}: this laptop's copy {path} is the desktop VM's own disk (shared "
+                    "storage?). replicator copies disks now: give the laptop a path of its own "
+                    "in domain.qemu.disks (or leave disks out: copies go to the state dir)")
         if self.copies:
             if [(c.size, c.index) for c in self.copies] != [(d.size, d.index) for d in disks]:
                 raise LayoutMismatch("the source's disks changed during this daemon's run; "
@@ -314,3 +325,13 @@ class DiskCopies:
 
 
 _ZERO = np.uint64(ZERO_BLOCK_HASH)
+
+
+def _same_file(ours: Path, theirs: str) -> bool:
+    """The same path, or (where both exist here) the same file."""
+    if os.path.normpath(str(ours)) == os.path.normpath(theirs):
+        return True
+    try:
+        return os.path.samefile(ours, theirs)
+    except OSError:
+        return False

@@ -325,7 +325,7 @@ class SinkReceiver:
                 await link.send(m.DiskAck(msg.generation))
             elif isinstance(msg, m.DiskOpen):
                 try:
-                    await self.disks.open(msg.disks)
+                    await self.disks.open(msg.disks, self._source_disk_paths())
                 except LayoutMismatch as exc:
                     await _reject(link, str(exc))
                     raise
@@ -343,6 +343,14 @@ class SinkReceiver:
                 await self.switch_handler(msg, link)
             else:
                 raise ProtocolError(f"unexpected {type(msg).__name__} from the source")
+
+    def _source_disk_paths(self) -> tuple[str, ...]:
+        from .vmcheck import parse_description
+        try:
+            reported = parse_description(self.vm_description).get("disks") or ()
+        except ReplicatorError:
+            return ()
+        return tuple(d.path for d in reported)
 
     def _apply(self, batch: m.PageBatch, npages: int) -> int:
         decoded = decode_batch(batch, npages)      # verifies every page before any write

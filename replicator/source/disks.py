@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
-from ..errors import PeerError, ProtocolError, QemuError
+from ..errors import PeerError, PeerRejected, ProtocolError, QemuError
 from ..link import Link
 from ..metrics import Metrics
 from ..vmm.bitmaps import DirtyTracking, start_nbd_server
@@ -202,6 +202,10 @@ class DiskReplicator:
             msg = await asyncio.wait_for(link.recv(), timeout)
             if isinstance(msg, m.DiskOpened):
                 break
+            if isinstance(msg, m.Reject):
+                raise PeerRejected(msg.reason)
+            if isinstance(msg, m.ErrorMessage):
+                raise PeerError(f"sink reported: {msg.message}")
             if not isinstance(msg, m.DiskManifest) or not 0 <= msg.disk < len(self.disks):
                 raise ProtocolError(f"unexpected {type(msg).__name__} while opening the disks")
             arr = np.frombuffer(msg.hashes, dtype="<u8")
