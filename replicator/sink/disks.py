@@ -21,10 +21,11 @@ released: ``qemu-nbd`` flushes and exits, and the shadow QEMU may open them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,11 @@ from ..wire.blocks import (BLOCK_SIZE, MAX_DISK_BYTES, ZERO_BLOCK_HASH, block_co
 log = logging.getLogger(__name__)
 
 MANIFEST_CHUNK_BLOCKS = 512 * 1024
+#: Batches being written into one copy at a time.
+WRITES_IN_FLIGHT = 8
+#: Manifest value of a block whose content is not known (never an xxh3 the source sends:
+#: a block with this "hash" is always sent again).
+UNKNOWN = np.uint64(0)
 MAX_DISKS = 16
 MAX_GENERATION = 1 << 62
 
@@ -62,6 +68,7 @@ class _Copy:
     client: NbdClient | None = None
     dirty: bool = False              # a round is being applied (state says unclean)
     written: int = 0
+    writes: list[asyncio.Future] = field(default_factory=list)    # in flight, oldest first
 
 
 class DiskCopies:
@@ -125,6 +132,10 @@ class DiskCopies:
                     "storage?). replicator copies disks now: give the laptop a path of its own "
                     "in domain.qemu.disks (or leave disks out: copies go to the state dir)")
         if self.copies:
+            # Writes of an earlier session must land (or fail, leaving their blocks unknown)
+            # before this one's: a stale write landing late would undo a newer one.
+            with contextlib.suppress(Exception):
+                await self.settle()
             if [(c.size, c.index) for c in self.copies] != [(d.size, d.index) for d in disks]:
                 raise LayoutMismatch("the source's disks changed during this daemon's run; "
                                      "restart it")
@@ -245,6 +256,21 @@ class DiskCopies:
             await asyncio.to_thread(self._write_state, c, clean=False)
             c.dirty = True
         assert c.client is not None
+        # Written in the background (several batches in flight keep qemu-nbd busy while the
+        # next batch is decoded); until a write has landed its blocks are "unknown" in the
+        # manifest, so a failed or lost write can never leave a hash the copy does not hold.
+        c.hashes[decoded.blocks] = UNKNOWN
+        c.hashes[decoded.zero] = UNKNOWN
+        while len(c.writes) >= WRITES_IN_FLIGHT:
+            await self._settle_one(c)
+        c.writes.append(asyncio.ensure_future(self._write(c, decoded)))
+        n = (len(decoded.blocks) + len(decoded.zero)) * BLOCK_SIZE
+        c.written += n
+        self.metrics.disk_written_bytes.labels(str(c.index)).inc(n)
+        return n
+
+    async def _write(self, c: _Copy, decoded: Any) -> None:
+        assert c.client is not None
         try:
             if len(decoded.blocks):
                 await write_blocks(c.client, decoded.blocks, decoded.data, c.size)
@@ -254,10 +280,21 @@ class DiskCopies:
             raise StoreError(f"writing disk copy {c.spec.path} failed: {exc}") from None
         c.hashes[decoded.blocks] = decoded.hashes
         c.hashes[decoded.zero] = _ZERO
-        n = (len(decoded.blocks) + len(decoded.zero)) * BLOCK_SIZE
-        c.written += n
-        self.metrics.disk_written_bytes.labels(str(c.index)).inc(n)
-        return n
+
+    async def _settle_one(self, c: _Copy) -> None:
+        await c.writes.pop(0)
+
+    async def settle(self) -> None:
+        """Wait for every write in flight (the first failure is raised, after all ended)."""
+        failure: BaseException | None = None
+        for c in self.copies:
+            while c.writes:
+                try:
+                    await c.writes.pop(0)
+                except Exception as exc:  # noqa: BLE001 - re-raised below
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def end_round(self, generation: int) -> None:
         """Make every copy durable and record that it is complete up to ``generation``."""
@@ -265,6 +302,7 @@ class DiskCopies:
             raise ProtocolError("disk round end with no open copies")
         if not 0 < generation < MAX_GENERATION:
             raise ProtocolError(f"disk round {generation} is out of range")
+        await self.settle()
         for c in self.copies:
             assert c.client is not None
             try:
@@ -283,6 +321,7 @@ class DiskCopies:
     async def verify_and_release(self, digests: tuple[bytes, ...]) -> None:
         """The switch: every copy must equal the source's disk (digest of the block hashes);
         then the writers stop, so that only the shadow QEMU opens the copies."""
+        await self.settle()
         ours = self.digests()
         if tuple(digests) != ours:
             bad = [str(c.spec.path) for c, a, b in zip(self.copies, digests, ours) if a != b]
@@ -300,6 +339,8 @@ class DiskCopies:
             await self._start_writers()
 
     async def _stop_writers(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.settle()
         for c in self.copies:
             if c.client is not None:
                 try:

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ from ..wire.pages import Compressor
 log = logging.getLogger(__name__)
 
 BITMAP_PREFIX = "replicator"
+#: Block runs (of up to MAX_BATCH_BLOCKS) read ahead of the one being sent.
+READ_AHEAD = 4
 #: How long the sink may take to make a round durable (a first copy's flush can be long).
 ACK_TIMEOUT = 300.0
 
@@ -112,7 +115,6 @@ class DiskReplicator:
         self._acked = asyncio.Condition()
         self._free = asyncio.Event()     # clear: no periodic rounds (a switch holds them)
         self._free.set()
-        self._buf = bytearray(MAX_BATCH_BLOCKS * BLOCK_SIZE)
         self._link: Link | None = None
         self._pending_proof: tuple[int, float] | None = None    # (generation, frozen at)
         self._active = False             # NBD server up, bitmaps recovered
@@ -329,18 +331,40 @@ class DiskReplicator:
             data = wanted & ~zero
             total = max(1, int(data.sum()))
             done = 0
-            for first, count in runs(data):
-                view = await read_blocks(client, first, count, d.info.size, self._buf)
-                hashes = await asyncio.to_thread(hash_blocks, view, count)
-                idx = np.arange(first, first + count)
-                changed = hashes != d.shipped[idx]
-                if changed.any():
-                    sent += await self._ship(link, d, generation, idx[changed],
-                                             hashes[changed], view if changed.all() else
-                                             _compact(view, changed))
-                done += count
-                if d.full:
-                    d.info.progress = done / total
+
+            async def read(first: int, count: int) -> tuple[int, int, memoryview, np.ndarray]:
+                view = await read_blocks(client, first, count, d.info.size,
+                                         bytearray(count * BLOCK_SIZE))
+                return first, count, view, await asyncio.to_thread(hash_blocks, view, count)
+
+            # Reads run ahead of sending (the NBD client keeps several requests in flight),
+            # so the disk, the hashing and the link work at the same time.
+            todo = iter(runs(data))
+            ahead: deque[asyncio.Future] = deque()
+
+            def fill() -> None:
+                while len(ahead) < READ_AHEAD and (nxt := next(todo, None)) is not None:
+                    ahead.append(asyncio.ensure_future(read(*nxt)))
+            fill()
+            try:
+                while ahead:
+                    first, count, view, hashes = await ahead.popleft()
+                    fill()
+                    idx = np.arange(first, first + count)
+                    changed = hashes != d.shipped[idx]
+                    if changed.any():
+                        sent += await self._ship(link, d, generation, idx[changed],
+                                                 hashes[changed], view if changed.all() else
+                                                 _compact(view, changed))
+                    done += count
+                    if d.full:
+                        d.info.progress = done / total
+            finally:
+                for fut in ahead:
+                    fut.cancel()
+                for fut in ahead:
+                    with contextlib.suppress(BaseException):
+                        await fut
             return sent
         finally:
             await client.close()
