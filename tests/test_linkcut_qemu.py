@@ -87,7 +87,7 @@ async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, t
         "domain": {"name": "vm", "driver": "qemu", "tracker": tracker, "qemu": {
             **q, "launch": True, "ram_path": str(d / "desk-ram"),
             "serial_log": str(d / "desk.log"),
-            "disks": [{"path": str(disk), "format": "qcow2"}]}},
+            "disks": [str(disk)]}},            # format read from the image (qcow2)
         "peer": {"address": f"{LAP_ADDR}:7400", "id": lap_id, **timeouts},
         "switch": {"step_timeout": 15.0},
         "stream": {"reconnect_delay": 0.5},
