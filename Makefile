@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 GUEST   ?= build/guest
 STAMP   := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench bench-quick compare compare-quick busy deps venv guest clean
+.PHONY: test test-fast demo bench bench-quick compare compare-quick busy disks disks-quick deps venv guest clean
 
 $(STAMP): pyproject.toml
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null \
@@ -53,6 +53,12 @@ compare-quick: $(STAMP) guest
 
 busy: $(STAMP) guest           # root: a guest dirtying 0.5x, 1x, 3x the link; ~5 min
 	$(BIN)/python -m bench.busy --out bench/RESULTS-busy.md
+
+disks: $(STAMP) guest          # root: a VM with a 4 GiB disk vs QEMU's storage migration; ~30 min
+	$(BIN)/python -m bench.disks --out bench/RESULTS-disks.md
+
+disks-quick: $(STAMP) guest    # root: 256 MiB disk, loopback; ~2 min
+	$(BIN)/python -m bench.disks --quick
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
