@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 BITMAP_PREFIX = "replicator"
 #: Block runs (of up to MAX_BATCH_BLOCKS) read ahead of the one being sent.
 READ_AHEAD = 4
+#: Longest wait for a reply of the source QEMU's own NBD server.
+LOCAL_NBD_TIMEOUT = 120.0
 #: How long the sink may take to make a round durable (a first copy's flush can be long).
 ACK_TIMEOUT = 300.0
 
@@ -309,8 +311,10 @@ class DiskReplicator:
     async def _send_disk(self, link: Link, d: _Disk, generation: int) -> int:
         exp = await self.tracking.export(d.info.node, generation)
         contexts = [ALLOCATION] + ([] if d.full else [exp.context])
+        # A local socket to our own QEMU: a slow reply is a busy host, not a lost peer (10 s
+        # here reset whole sessions on a loaded machine, first copy and RAM included).
         client = await NbdClient.connect_unix(self.sock, exp.name, contexts=contexts,
-                                              timeout=self.cfg.peer.timeout)
+                                              timeout=LOCAL_NBD_TIMEOUT)
         try:
             ext = await client.extents()
             zero = touched(ext[ALLOCATION], d.nblocks, lambda f: not f & STATE_ZERO)

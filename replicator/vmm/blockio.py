@@ -161,7 +161,7 @@ class QemuNbd:
 
     async def connect(self, contexts: tuple[str, ...] = (ALLOCATION,)) -> NbdClient:
         try:
-            return await NbdClient.connect_unix(self.sock, "", contexts=contexts, timeout=30)
+            return await NbdClient.connect_unix(self.sock, "", contexts=contexts, timeout=120)
         except NbdError as exc:
             raise QemuError(f"cannot open the copy {self.image} through qemu-nbd: {exc}") \
                 from None
