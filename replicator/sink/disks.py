@@ -262,7 +262,7 @@ class DiskCopies:
         c.hashes[decoded.blocks] = UNKNOWN
         c.hashes[decoded.zero] = UNKNOWN
         while len(c.writes) >= WRITES_IN_FLIGHT:
-            await self._settle_one(c)
+            await c.writes.pop(0)
         c.writes.append(asyncio.ensure_future(self._write(c, decoded)))
         n = (len(decoded.blocks) + len(decoded.zero)) * BLOCK_SIZE
         c.written += n
@@ -280,9 +280,6 @@ class DiskCopies:
             raise StoreError(f"writing disk copy {c.spec.path} failed: {exc}") from None
         c.hashes[decoded.blocks] = decoded.hashes
         c.hashes[decoded.zero] = _ZERO
-
-    async def _settle_one(self, c: _Copy) -> None:
-        await c.writes.pop(0)
 
     async def settle(self) -> None:
         """Wait for every write in flight (the first failure is raised, after all ended)."""
