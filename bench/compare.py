@@ -72,7 +72,8 @@ if str(ROOT) not in sys.path:
 from replicator.cli import _request  # noqa: E402
 from replicator.demo import _toml, counters  # noqa: E402
 from replicator.identity import Identity  # noqa: E402
-from replicator.vmm.qemu import QemuProcess, VmSpec, build_argv  # noqa: E402
+from replicator.vmm.qemu import QemuProcess  # noqa: E402
+from replicator.vmm.spec import VmSpec, build_argv  # noqa: E402
 from tests.netns import DESK_ADDR, LAP_ADDR, TwoHosts  # noqa: E402
 
 MiB = 1024 * 1024

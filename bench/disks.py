@@ -55,7 +55,9 @@ from bench.compare import (GUEST, MiB, PROFILES, QEMU_PORT, ROOT, SWITCH_KEYS, C
                            counters, dirty_values, end_pair, filled_mib, free_port, guarded,
                            loadavg, log, machine_facts, pair_configs, pct, replicator_switch,
                            run_main, start_daemon, switch_watched, wait_for)
-from replicator.vmm.qemu import DiskSpec, QemuProcess, VmSpec, build_argv
+from replicator.vmm.disks import DiskSpec
+from replicator.vmm.qemu import QemuProcess
+from replicator.vmm.spec import VmSpec, build_argv
 
 DISKDIRTY_RE = re.compile(rb"DISKDIRTY (\d+(?:\.\d+)?)")
 DISKCHECK_RE = re.compile(rb"DISKCHECK (OK|FAIL) round=\d+ (?:regions=(\d+)|bad=)")

@@ -29,7 +29,8 @@ from pathlib import Path
 from replicator.config import parse_size
 from replicator.demo import REPO, Daemon, _toml, counters, ensure_guest, stop_pair
 from replicator.identity import Identity
-from replicator.vmm.qemu import QemuProcess, VmSpec
+from replicator.vmm.qemu import QemuProcess
+from replicator.vmm.spec import VmSpec
 
 TICK = os.sysconf("SC_CLK_TCK")
 

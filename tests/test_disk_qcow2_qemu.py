@@ -133,7 +133,7 @@ async def test_shadow_refuses_a_file_its_header_named_after_the_check(shm_dir, g
     from replicator.sink.store import ShadowStore
     from replicator.wire.messages import DiskInfo, RegionInfo
     from replicator.errors import DomainError
-    from replicator.vmm.qemu import RAM_BACKEND_ID
+    from replicator.vmm.spec import RAM_BACKEND_ID
 
     from replicator.vmm.qemu import QemuProcess
 

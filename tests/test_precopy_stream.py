@@ -1,4 +1,4 @@
-"""Tests of replicator.vmm.migration_stream: the sans-I/O precopy stream parser and editor.
+"""Tests of replicator.vmm.migration_stream/_editor: the sans-I/O precopy stream parser and editor.
 
 Three kinds of input:
 
@@ -39,15 +39,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replicator.errors import ProtocolError
-from replicator.vmm.migration_stream import (
+from replicator.vmm.migration_editor import PrecopyEditor
+from replicator.vmm.migration_format import (
     Command,
     DeviceStateBegin,
     Header,
     Opaque,
     PageKind,
     PageRecord,
-    PrecopyEditor,
-    PrecopyParser,
     PrecopyStreamError,
     RamBlock,
     RamBlocks,
@@ -56,7 +55,9 @@ from replicator.vmm.migration_stream import (
     SectionEnd,
     SectionKind,
 )
-from replicator.vmm.qemu import QemuProcess, VmSpec
+from replicator.vmm.migration_stream import PrecopyParser
+from replicator.vmm.qemu import QemuProcess
+from replicator.vmm.spec import VmSpec
 
 from .conftest import ROOT
 

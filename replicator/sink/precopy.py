@@ -25,8 +25,9 @@ import xxhash
 
 from ..errors import DomainError, ProtocolError
 from ..link import Link
-from ..vmm.migration_stream import DeviceStateBegin, PageKind, PageRecord, PrecopyParser
-from ..vmm.qemu import RAM_BACKEND_ID
+from ..vmm.migration_format import DeviceStateBegin, PageKind, PageRecord
+from ..vmm.migration_stream import PrecopyParser
+from ..vmm.spec import RAM_BACKEND_ID
 from ..wire import messages as m
 from ..wire.pages import ZERO_HASH
 from .receiver import SinkReceiver

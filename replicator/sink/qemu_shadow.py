@@ -23,9 +23,9 @@ from typing import Any
 
 from ..config import Config
 from ..errors import DomainError, QemuError
-from ..vmm.spec import spec_from_config
+from ..vmm.spec import RAM_BACKEND_ID, VmSpec, spec_from_config
 from ..vmm.disks import check_image
-from ..vmm.qemu import RAM_BACKEND_ID, QemuProcess, VmSpec
+from ..vmm.qemu import QemuProcess
 from . import vmcheck
 from .receiver import SinkReceiver
 from .switch import Shadow

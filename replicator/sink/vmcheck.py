@@ -19,7 +19,7 @@ import msgpack
 from ..config import Config, QemuConfig
 from ..errors import LayoutMismatch, ProtocolError
 from ..vmm.disks import DiskInfo
-from ..vmm.qemu import RAM_BACKEND_ID
+from ..vmm.spec import RAM_BACKEND_ID
 from ..wire import messages as m
 
 #: Description fields the laptop uses (only those naming no file); "disks" is only compared.

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..config import SwitchConfig
 from ..errors import QemuError
-from ..vmm.qemu import QmpCommandError
+from ..vmm.qmp_events import QmpCommandError
 
 log = logging.getLogger(__name__)
 

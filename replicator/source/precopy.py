@@ -39,8 +39,10 @@ from ..link import Link
 from ..metrics import Metrics
 from ..wire import messages as m
 from ..wire.pages import ZERO_HASH
-from ..vmm.migration_stream import PageKind, PageRecord, PrecopyEditor, RamEos
-from ..vmm.qemu import RAM_BACKEND_ID, QmpEvent
+from ..vmm.migration_editor import PrecopyEditor
+from ..vmm.migration_format import PageKind, PageRecord, RamEos
+from ..vmm.qmp_events import QmpEvent
+from ..vmm.spec import RAM_BACKEND_ID
 from .converge import Deadlines, Throttle
 from .driver import Region
 from .ledger import LagSnapshot

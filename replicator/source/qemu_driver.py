@@ -15,8 +15,8 @@ from typing import Any
 from ..config import Config
 from ..errors import DomainError, QemuError
 from ..vmm.disks import query_disks
-from ..vmm.qemu import RAM_BACKEND_ID, QemuProcess
-from ..vmm.spec import spec_from_config
+from ..vmm.qemu import QemuProcess
+from ..vmm.spec import RAM_BACKEND_ID, spec_from_config
 from .driver import DomainDriver, Region
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ data file). So a format is never assumed: it comes from the config, or from the 
 QEMU reports (:func:`query_disks`).
 
 Only self-contained images are used: a qcow2 header naming a backing file or an external data
-file is refused (:func:`check_image`), and :func:`~replicator.vmm.qemu.build_argv` opens qcow2
+file is refused (:func:`check_image`), and :func:`~replicator.vmm.spec.build_argv` opens qcow2
 with ``backing: null``, because those names are host paths chosen by whoever can write the image.
 """
 
@@ -32,7 +32,7 @@ _QCOW2_INCOMPAT_DATA_FILE = 1 << 2
 
 @dataclasses.dataclass(frozen=True)
 class DiskSpec:
-    """One disk of a :class:`~replicator.vmm.qemu.VmSpec`: an image and its format."""
+    """One disk of a :class:`~replicator.vmm.spec.VmSpec`: an image and its format."""
 
     path: Path
     format: str

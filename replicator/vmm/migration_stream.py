@@ -1,39 +1,10 @@
-"""Sans-I/O parser and editor for QEMU's precopy migration stream (the main channel).
+"""Sans-I/O parser of QEMU's precopy migration stream (the main channel).
 
-A future ``qemu-precopy`` dirty tracker relays the stream a running QEMU sends when it migrates
-(``migrate``) to the paused shadow QEMU on the other host. This module understands that stream
-well enough to
-
-* see every guest-RAM page record as it passes (:class:`PrecopyParser`), with the RAM block, the
-  page index and, for normal pages, the 4096 bytes themselves;
-* forward it byte-exactly except for PAGE records the shadow already holds
-  (:class:`PrecopyEditor`), repairing the ``CONTINUE`` shorthand so that the destination still
-  knows which block every kept record belongs to.
-
-Neither class does any I/O: feed them bytes in chunks of any size (a chunk boundary may fall
-anywhere, inside a page or a be64 header); they return what they found (events) and, for the
-editor, the bytes to forward.
-
-Stream layout (QEMU 10; see ``/work/shared/reference/qemu-migration-stream.md``; all integers
-big-endian)::
-
-    header        be32 "QEVM", be32 3, 0x07 CONFIGURATION (be32 n + machine, subsections)
-    commands      0x08 be16 cmd, be16 len, data      (OPEN_RETURN_PATH, PING, SWITCHOVER_START ..)
-    RAM setup     0x01 START id "ram" instance version | MEM_SIZE + block list ... EOS | 0x7E id
-    RAM passes    0x02 PART id | ZERO / PAGE records ... EOS | 0x7E id           (repeated)
-    RAM final     0x03 END id  | ZERO / PAGE records ... EOS | 0x7E id
-    device state  0x04 FULL sections, 0x00 EOF, 0x06 VMDESCRIPTION    <- passed through opaquely
-
-RAM records are ``be64 offset | flags`` (flags in the bits below the target page size):
-ZERO ``[u8 n + idstr] + u8 0``, PAGE ``[u8 n + idstr] + page``; the idstr is omitted when the
-CONTINUE flag (0x20) says "same block as the previous record". Device state has no length
-prefix, so nothing after the RAM END section can be parsed without QEMU's vmstate
-descriptions: it is reported and forwarded as opaque bytes.
-
-Refused with :class:`PrecopyStreamError` (this module cannot see or rewrite their pages):
-``mapped-ram`` (listed in the header), ``multifd`` (MULTIFD_FLUSH records), ``xbzrle`` (XBZRLE
-records), RDMA (HOOK records), iterative sections other than ``"ram"`` (VFIO, dirty bitmaps)
-and device sections sent before RAM (``early_setup`` devices such as virtio-mem).
+:class:`PrecopyParser` sees every guest-RAM page record of the stream a migrating QEMU sends,
+with its RAM block, page index and, for normal pages, the 4096 bytes themselves. It does no I/O:
+feed it chunks of any size (a boundary may fall anywhere, inside a page or a be64 header); it
+returns the events found (:mod:`replicator.vmm.migration_format`, which also describes the
+stream). The editor built on it is :mod:`replicator.vmm.migration_editor`.
 
 Zero-copy contract: a normal page's ``data`` (and an :class:`Opaque` event's ``data``, and the
 editor's output chunks) is usually a ``memoryview`` into the buffer passed to ``feed``; it stays
@@ -44,278 +15,25 @@ valid as long as that buffer is not modified. Feed ``bytes`` (immutable) or copy
 
 from __future__ import annotations
 
-import enum
-import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import NamedTuple, Union
 
-from replicator.errors import ProtocolError
-from replicator.vmm.qemu import MigrationStreamError, StreamHeader, parse_stream_header
+from replicator.vmm.migration_format import (BE32, BE64, CMD_HDR, CMD_PACKAGED,
+                                             CMD_POSTCOPY_ADVISE, COMMANDS, DEFAULT_PAGE_BITS,
+                                             F_CONTINUE, F_EOS, F_MEM_SIZE, F_PAGE, F_ZERO,
+                                             FOOTER, INST_VER, RAM_IDSTR, RAM_VERSION,
+                                             SEC_COMMAND, SEC_CONFIGURATION, SEC_END, SEC_EOF,
+                                             SEC_FOOTER, SEC_FULL, SEC_ID, SEC_PART, SEC_START,
+                                             SECTION_KINDS, Command, DeviceStateBegin, Event,
+                                             Header, Opaque, PageKind, PageRecord,
+                                             PrecopyStats, PrecopyStreamError, RamBlock,
+                                             RamBlocks, RamEos, SectionBegin, SectionEnd,
+                                             SectionKind, unsupported_flags_error)
+from replicator.vmm.migration_preamble import BlockListScanner, scan_header
+from replicator.vmm.stream_header import StreamHeader
 
-__all__ = [
-    "PrecopyStreamError",
-    "PageKind",
-    "SectionKind",
-    "RamBlock",
-    "Header",
-    "Command",
-    "SectionBegin",
-    "RamBlocks",
-    "PageRecord",
-    "RamEos",
-    "SectionEnd",
-    "DeviceStateBegin",
-    "Opaque",
-    "Event",
-    "PrecopyStats",
-    "PrecopyParser",
-    "EditorOutput",
-    "PrecopyEditor",
-    "COMMAND_NAMES",
-]
+__all__ = ["PrecopyParser"]
 
-
-class PrecopyStreamError(ProtocolError):
-    """The precopy stream is malformed, or uses a feature this parser refuses.
-
-    ``offset`` is the stream offset (bytes from the start) of the record at fault, when known.
-    Once raised, the parser (or editor) is unusable: every later ``feed`` raises it again.
-    """
-
-    def __init__(self, message: str, *, offset: int | None = None):
-        self.offset = offset
-        super().__init__(message if offset is None else f"{message} (stream offset {offset})")
-
-
-# --- stream constants ----------------------------------------------------------------------
-
-_QEVM_MAGIC = 0x5145564D
-_QEVM_MAGIC_BYTES = b"QEVM"
-_FILE_VERSION = 3
-
-_SEC_EOF = 0x00
-_SEC_START = 0x01
-_SEC_PART = 0x02
-_SEC_END = 0x03
-_SEC_FULL = 0x04
-_SUBSECTION = 0x05
-_SEC_VMDESCRIPTION = 0x06               # after EOF; only ever inside the opaque tail
-_SEC_CONFIGURATION = 0x07
-_SEC_COMMAND = 0x08
-_SEC_FOOTER = 0x7E
-
-_RAM_IDSTR = b"ram"
-_RAM_VERSION = 4
-
-_F_OBSOLETE_FULL = 0x01                 # not sent since QEMU 1.x: refused as unknown
-_F_ZERO = 0x02
-_F_MEM_SIZE = 0x04
-_F_PAGE = 0x08
-_F_EOS = 0x10
-_F_CONTINUE = 0x20
-_F_XBZRLE = 0x40
-_F_HOOK = 0x80
-_F_COMPRESS_PAGE = 0x100
-_F_MULTIFD_FLUSH = 0x200
-
-_CMD_PACKAGED = 7
-_CMD_POSTCOPY_ADVISE = 3
-
-#: QEMU's migration commands (``MIG_CMD_*`` in migration/savevm.c): number -> (name, payload
-#: length or ``None`` for variable).
-_COMMANDS: dict[int, tuple[str, int | None]] = {
-    1: ("OPEN_RETURN_PATH", 0),
-    2: ("PING", 4),
-    3: ("POSTCOPY_ADVISE", None),
-    4: ("POSTCOPY_LISTEN", 0),
-    5: ("POSTCOPY_RUN", 0),
-    6: ("POSTCOPY_RAM_DISCARD", None),
-    7: ("PACKAGED", 4),
-    8: ("ENABLE_COLO", 0),
-    9: ("POSTCOPY_RESUME", 0),
-    10: ("RECV_BITMAP", None),
-    11: ("SWITCHOVER_START", 0),
-}
-COMMAND_NAMES: Mapping[int, str] = {k: v[0] for k, v in _COMMANDS.items()}
-
-_BE32 = struct.Struct(">I")
-_BE64 = struct.Struct(">Q")
-_CMD_HDR = struct.Struct(">BHH")        # 0x08, cmd, len
-_SEC_ID = struct.Struct(">BI")          # type, section id
-_INST_VER = struct.Struct(">II")        # instance id, version id
-_FOOTER = struct.Struct(">BI")          # 0x7E, section id
-
-_DEFAULT_PAGE_BITS = 12                 # x86 (no target-page-bits subsection)
-_MAX_PAGE_BITS = 24                     # sanity bound for target-page-bits
 _APPEND = 16384                         # bytes moved into the carry buffer per step
-
-
-# --- events ----------------------------------------------------------------------------------
-
-class PageKind(enum.Enum):
-    ZERO = "zero"
-    PAGE = "page"
-
-
-class SectionKind(enum.Enum):
-    START = "start"
-    PART = "part"
-    END = "end"
-    FULL = "full"
-
-
-_SECTION_KINDS = {_SEC_START: SectionKind.START, _SEC_PART: SectionKind.PART,
-                  _SEC_END: SectionKind.END, _SEC_FULL: SectionKind.FULL}
-
-
-@dataclass(frozen=True, slots=True)
-class RamBlock:
-    """One RAM block as listed in the MEM_SIZE record of the RAM setup section."""
-
-    idstr: str
-    """QEMU's block name: the memory backend id for ``memory-backend-*`` RAM (``ram0``), else
-    e.g. ``pc.bios`` or ``/rom@etc/acpi/tables``."""
-    used_length: int
-    page_size: int | None = None
-    """The block's host page size, sent only with postcopy-ram when it differs from the source's
-    host page size (huge pages)."""
-    addr: int | None = None
-    """The block's guest-physical (memory-region) address, sent only with ``x-ignore-shared``."""
-
-    def pages(self, page_size: int = 4096) -> int:
-        """Number of target pages in the block (``page_size`` = the stream's target page size)."""
-        return -(-self.used_length // page_size)
-
-
-@dataclass(frozen=True, slots=True)
-class Header:
-    """Stream header and CONFIGURATION section (always the first event)."""
-
-    offset: int
-    length: int
-    header: StreamHeader
-    page_size: int
-    """Target page size: 4096 unless a ``target-page-bits`` subsection says otherwise."""
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A ``QEMU_VM_COMMAND`` record. For PACKAGED, the packaged sub-stream that follows (``be32``
-    length in ``data``) is reported as :class:`Opaque` events."""
-
-    offset: int
-    cmd: int
-    name: str
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SectionBegin:
-    """A section header. ``idstr``/``instance_id``/``version_id`` only for START and FULL."""
-
-    offset: int
-    kind: SectionKind
-    section_id: int
-    idstr: str | None = None
-    instance_id: int | None = None
-    version_id: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RamBlocks:
-    """The MEM_SIZE record of the RAM setup section with its block list."""
-
-    offset: int
-    total_bytes: int
-    blocks: tuple[RamBlock, ...]
-
-
-@dataclass(slots=True)
-class PageRecord:
-    """One ZERO or PAGE record of guest RAM.
-
-    ``index`` is the page index in the block (offset / page size). ``data`` is the page content
-    for PAGE (a memoryview or bytes, see the module's zero-copy contract), ``None`` for ZERO.
-    ``continued`` is true when the record used the CONTINUE shorthand (no idstr). ``dropped``
-    is set by :class:`PrecopyEditor` when the record was not forwarded.
-    """
-
-    offset: int
-    block: str
-    index: int
-    kind: PageKind
-    data: memoryview | bytes | None
-    continued: bool
-    dropped: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RamEos:
-    """End of one RAM section body (the EOS record).
-
-    For a PART section this is the end of one precopy iteration (one ``ram_save_iterate`` call:
-    QEMU sends a PART whenever its rate limit or ~50 ms time slice is used up, so several PARTs
-    may belong to one dirty-bitmap sync round). ``iteration`` counts the PART bodies finished
-    so far (0 for the START body). Counters are totals since the start of the stream.
-    """
-
-    offset: int
-    kind: SectionKind
-    section_id: int
-    iteration: int
-    normal_pages: int
-    zero_pages: int
-    bytes_consumed: int
-
-
-@dataclass(frozen=True, slots=True)
-class SectionEnd:
-    """End of a RAM section: its footer (``0x7E`` + id), or, for streams without footers (old
-    machine types), the point after the EOS record."""
-
-    offset: int
-    kind: SectionKind
-    section_id: int
-    footer: bool
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceStateBegin:
-    """Everything from ``offset`` on is device state + EOF + VMDESCRIPTION: reported as
-    :class:`Opaque` only."""
-
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class Opaque:
-    """Bytes passed through without interpretation (device state, a PACKAGED sub-stream)."""
-
-    offset: int
-    data: memoryview | bytes
-
-
-Event = Union[Header, Command, SectionBegin, RamBlocks, PageRecord, RamEos, SectionEnd,
-              DeviceStateBegin, Opaque]
-
-
-@dataclass(frozen=True, slots=True)
-class PrecopyStats:
-    bytes_consumed: int
-    """Stream bytes parsed (and, in opaque mode, passed through) so far."""
-    normal_pages: int
-    """PAGE records (QEMU's ``ram.normal``)."""
-    zero_pages: int
-    """ZERO records (QEMU's ``ram.duplicate``)."""
-    iterations: int
-    """RAM PART sections finished."""
-    commands: int
-    device_state: bool
-    """True once the RAM END section was passed (the rest is opaque)."""
-
-
-# --- the parser --------------------------------------------------------------------------------
 
 _ST_HEADER = 0
 _ST_TOP = 1
@@ -350,7 +68,7 @@ class PrecopyParser:
         self._host_page_size = host_page_size
 
         self.header: StreamHeader | None = None
-        self.page_size = 1 << _DEFAULT_PAGE_BITS
+        self.page_size = 1 << DEFAULT_PAGE_BITS
         self._flag_mask = self.page_size - 1
         self.blocks: dict[str, RamBlock] = {}
         self._blocks_by_raw: dict[bytes, RamBlock] = {}
@@ -360,10 +78,7 @@ class PrecopyParser:
         self._ram_section_id: int | None = None
         self._section_kind: SectionKind | None = None
         self._section_id = 0
-        self._memsize_left = 0
-        self._memsize_offset = 0
-        self._memsize_total = 0
-        self._memsize_list: list[RamBlock] = []
+        self._block_list: BlockListScanner | None = None   # while in the MEM_SIZE list
         self._packaged_left = 0
         self._last_block: RamBlock | None = None     # QEMU's "last block" for CONTINUE
 
@@ -501,10 +216,13 @@ class PrecopyParser:
                         break
                     pos = newpos
                 elif st == _ST_MEMSIZE:
-                    newpos = self._parse_block_entry(v, pos, end, events, base)
+                    assert self._block_list is not None
+                    newpos = self._block_list.scan_entry(v, pos, end, base)
                     if newpos is _NEED:
                         break
                     pos = newpos
+                    if self._block_list.done:
+                        self._finish_memsize(events)
                 elif st == _ST_PACKAGED:
                     take = min(end - pos, self._packaged_left)
                     data = v[pos:pos + take]
@@ -532,7 +250,7 @@ class PrecopyParser:
         Returns (new position or _NEED when not even one record was complete, new emit)."""
         page_size = self.page_size
         mask = self._flag_mask
-        unpack64 = _BE64.unpack_from
+        unpack64 = BE64.unpack_from
         blocks = self._blocks_by_raw
         drop = self._drop
         out = self._out
@@ -544,10 +262,10 @@ class PrecopyParser:
             (word,) = unpack64(v, pos)
             flags = word & mask
             addr = word ^ flags
-            kind = flags & ~_F_CONTINUE
-            if kind == _F_PAGE or kind == _F_ZERO:
+            kind = flags & ~F_CONTINUE
+            if kind == F_PAGE or kind == F_ZERO:
                 p = pos + 8
-                if flags & _F_CONTINUE:
+                if flags & F_CONTINUE:
                     block = self._last_block
                     if block is None:
                         raise self._fail("RAM record with CONTINUE but no previous block",
@@ -565,7 +283,7 @@ class PrecopyParser:
                         raise self._fail(f"RAM record for unknown block {raw!r}", base + pos)
                     p += 1 + n
                     continued = False
-                if kind == _F_PAGE:
+                if kind == F_PAGE:
                     if end - p < page_size:
                         break
                     data = v[p:p + page_size]
@@ -616,7 +334,7 @@ class PrecopyParser:
                 pos = p
                 progressed = True
                 continue
-            if kind == _F_EOS:
+            if kind == F_EOS:
                 pos += 8
                 sk = self._section_kind
                 if sk is SectionKind.PART:
@@ -625,115 +343,36 @@ class PrecopyParser:
                               self.normal_pages, self.zero_pages, base + pos))
                 self._state = _ST_AFTER_EOS
                 return pos, emit
-            if kind == _F_MEM_SIZE:
-                if flags & _F_CONTINUE:
+            if kind == F_MEM_SIZE:
+                if flags & F_CONTINUE:
                     raise self._fail("MEM_SIZE record with CONTINUE", base + pos)
                 if self._section_kind is not SectionKind.START:
                     raise self._fail("MEM_SIZE record outside the RAM setup section", base + pos)
-                self._memsize_offset = base + pos
-                self._memsize_total = addr
-                self._memsize_left = addr
-                self._memsize_list = []
+                self._block_list = BlockListScanner(
+                    base + pos, addr, known=self._blocks_by_raw,
+                    ignore_shared=self._ignore_shared, postcopy_summary=self._postcopy_summary,
+                    block_page_sizes=self._block_page_sizes, host_page_size=self._host_page_size)
                 pos += 8
                 if addr == 0:
                     self._finish_memsize(events)
                 else:
                     self._state = _ST_MEMSIZE
                 return pos, emit
-            raise self._unsupported_flags(flags, base + pos)
+            raise unsupported_flags_error(flags, base + pos)
         return (pos if progressed else _NEED), emit
 
     def _named_header(self, word: int, block: RamBlock) -> bytes:
         raw = block.idstr.encode("latin-1")
-        return _BE64.pack(word & ~_F_CONTINUE) + bytes((len(raw),)) + raw
-
-    def _unsupported_flags(self, flags: int, offset: int) -> PrecopyStreamError:
-        kind = flags & ~_F_CONTINUE
-        if kind & _F_XBZRLE:
-            return self._fail("XBZRLE page record: the xbzrle capability is not supported "
-                              "(its pages are deltas against a cache)", offset)
-        if kind & _F_MULTIFD_FLUSH:
-            return self._fail("MULTIFD_FLUSH record: multifd streams are not supported "
-                              "(their pages travel on other channels)", offset)
-        if kind & _F_HOOK:
-            return self._fail("RAM_SAVE_FLAG_HOOK record: RDMA migration is not supported",
-                              offset)
-        if kind & _F_COMPRESS_PAGE:
-            return self._fail("COMPRESS_PAGE record: compressed migration (removed in QEMU 9.1) "
-                              "is not supported", offset)
-        return self._fail(f"unknown RAM record flags {flags:#x}", offset)
+        return BE64.pack(word & ~F_CONTINUE) + bytes((len(raw),)) + raw
 
     # -- header ---------------------------------------------------------------------------
 
     def _parse_header(self, v: memoryview, pos: int, end: int, events: list[Event],
                       base: int) -> int | None:
-        avail = end - pos
-        # Fail fast on something that is not a migration stream at all.
-        probe = bytes(v[pos:pos + min(avail, 4)])
-        if probe != _QEVM_MAGIC_BYTES[:len(probe)]:
-            raise self._fail(f"not a QEMU migration stream (starts with {probe.hex()})",
-                             base + pos)
-        if avail < 13:
+        scanned = scan_header(v, pos, end, base)
+        if scanned is None:
             return _NEED
-        magic, version, kind, mlen = struct.unpack_from(">IIBI", v, pos)
-        assert magic == _QEVM_MAGIC
-        if version != _FILE_VERSION:
-            raise self._fail(f"unsupported migration stream version {version}", base + pos)
-        if kind != _SEC_CONFIGURATION:
-            raise self._fail(f"stream has no CONFIGURATION section (section type {kind:#04x})",
-                             base + pos + 8)
-        if mlen > 255:
-            raise self._fail(f"implausible machine name length {mlen}", base + pos + 9)
-        q = pos + 13 + mlen
-        page_bits = _DEFAULT_PAGE_BITS
-        # Subsections have no terminator: the CONFIGURATION section ends at the first byte that
-        # is not 0x05, so one byte of look-ahead is needed.
-        while True:
-            if q >= end:
-                return _NEED
-            if v[q] != _SUBSECTION:
-                break
-            if end - q < 2:
-                return _NEED
-            n = v[q + 1]
-            if end - q < 2 + n + 4:
-                return _NEED
-            name = bytes(v[q + 2:q + 2 + n])
-            q += 2 + n + 4
-            leaf = name.rsplit(b"/", 1)[-1]
-            if leaf == b"capabilities":
-                if end - q < 4:
-                    return _NEED
-                (count,) = _BE32.unpack_from(v, q)
-                if count > 64:
-                    raise self._fail(f"implausible capability count {count}", base + q)
-                q += 4
-                for _ in range(count):
-                    if q >= end:
-                        return _NEED
-                    q += 1 + v[q]
-                    if q > end:
-                        return _NEED
-            elif leaf == b"target-page-bits":
-                if end - q < 4:
-                    return _NEED
-                (page_bits,) = _BE32.unpack_from(v, q)
-                if not _DEFAULT_PAGE_BITS <= page_bits <= _MAX_PAGE_BITS:
-                    raise self._fail(f"unsupported target-page-bits {page_bits}", base + q)
-                q += 4
-            elif leaf == b"uuid":
-                q += 16
-                if q > end:
-                    return _NEED
-            else:
-                raise self._fail(f"unknown CONFIGURATION subsection {name!r}", base + q)
-        try:
-            header = parse_stream_header(bytes(v[pos:q]))
-        except MigrationStreamError as exc:
-            raise self._fail(f"bad stream header: {exc}", base + pos) from None
-        if "mapped-ram" in header.capabilities:
-            raise self._fail("mapped-ram stream: its pages are not on the main channel "
-                             "(not supported)", base + pos)
+        q, header, page_bits = scanned
         self.header = header
         self._ignore_shared = "x-ignore-shared" in header.capabilities
         self.page_size = 1 << page_bits
@@ -748,25 +387,25 @@ class PrecopyParser:
                    base: int) -> int | None:
         kind = v[pos]
         avail = end - pos
-        if kind == _SEC_PART or kind == _SEC_END:
+        if kind == SEC_PART or kind == SEC_END:
             if avail < 5:
                 return _NEED
-            (_, sid) = _SEC_ID.unpack_from(v, pos)
+            (_, sid) = SEC_ID.unpack_from(v, pos)
             if self._ram_section_id is None or sid != self._ram_section_id:
                 raise self._fail(
-                    f"{_SECTION_KINDS[kind].name} of section {sid}, which is not the RAM section "
+                    f"{SECTION_KINDS[kind].name} of section {sid}, which is not the RAM section "
                     "(iterative sections other than RAM are not supported)", base + pos)
-            sk = _SECTION_KINDS[kind]
+            sk = SECTION_KINDS[kind]
             events.append(SectionBegin(base + pos, sk, sid))
             self._section_kind = sk
             self._section_id = sid
             self._state = _ST_RAM
             return pos + 5
-        if kind == _SEC_COMMAND:
+        if kind == SEC_COMMAND:
             if avail < 5:
                 return _NEED
-            (_, cmd, length) = _CMD_HDR.unpack_from(v, pos)
-            spec = _COMMANDS.get(cmd)
+            (_, cmd, length) = CMD_HDR.unpack_from(v, pos)
+            spec = COMMANDS.get(cmd)
             if spec is None:
                 raise self._fail(f"unknown migration command {cmd}", base + pos)
             name, want = spec
@@ -778,35 +417,35 @@ class PrecopyParser:
             data = bytes(v[pos + 5:pos + 5 + length])
             self.commands += 1
             events.append(Command(base + pos, cmd, name, data))
-            if cmd == _CMD_POSTCOPY_ADVISE and length == 16:
-                self._postcopy_summary = _BE64.unpack_from(data, 0)[0]
-            if cmd == _CMD_PACKAGED:
-                (self._packaged_left,) = _BE32.unpack(data)
+            if cmd == CMD_POSTCOPY_ADVISE and length == 16:
+                self._postcopy_summary = BE64.unpack_from(data, 0)[0]
+            if cmd == CMD_PACKAGED:
+                (self._packaged_left,) = BE32.unpack(data)
                 if self._packaged_left:
                     self._state = _ST_PACKAGED
             return pos + 5 + length
-        if kind == _SEC_START or kind == _SEC_FULL:
+        if kind == SEC_START or kind == SEC_FULL:
             if avail < 6:
                 return _NEED
             n = v[pos + 5]
             if avail < 6 + n + 8:
                 return _NEED
-            (_, sid) = _SEC_ID.unpack_from(v, pos)
+            (_, sid) = SEC_ID.unpack_from(v, pos)
             raw = bytes(v[pos + 6:pos + 6 + n])
-            instance, version = _INST_VER.unpack_from(v, pos + 6 + n)
+            instance, version = INST_VER.unpack_from(v, pos + 6 + n)
             idstr = raw.decode("latin-1")
-            if kind == _SEC_FULL:
+            if kind == SEC_FULL:
                 raise self._fail(
                     f"device section {idstr!r} before the RAM END section (early-setup devices "
                     "such as virtio-mem are not supported: device state cannot be skipped)",
                     base + pos)
-            if raw != _RAM_IDSTR:
+            if raw != RAM_IDSTR:
                 raise self._fail(f"iterative section {idstr!r} is not supported (only RAM; "
                                  "its records carry no length)", base + pos)
             if self._ram_section_id is not None:
                 raise self._fail("second RAM START section", base + pos)
-            if version != _RAM_VERSION:
-                raise self._fail(f"RAM section version {version} (expected {_RAM_VERSION})",
+            if version != RAM_VERSION:
+                raise self._fail(f"RAM section version {version} (expected {RAM_VERSION})",
                                  base + pos)
             self._ram_section_id = sid
             self._section_kind = SectionKind.START
@@ -815,11 +454,11 @@ class PrecopyParser:
                                        version))
             self._state = _ST_RAM
             return pos + 6 + n + 8
-        if kind == _SEC_EOF:
+        if kind == SEC_EOF:
             # A stream without (or before) RAM END: whatever follows is opaque.
             self._enter_device_state(events, base + pos)
             return pos
-        if kind == _SEC_CONFIGURATION:
+        if kind == SEC_CONFIGURATION:
             raise self._fail("second CONFIGURATION section", base + pos)
         raise self._fail(f"unknown section type {kind:#04x}", base + pos)
 
@@ -827,10 +466,10 @@ class PrecopyParser:
                          base: int) -> int | None:
         sk = self._section_kind
         sid = self._section_id
-        if v[pos] == _SEC_FOOTER:
+        if v[pos] == SEC_FOOTER:
             if end - pos < 5:
                 return _NEED
-            (_, fid) = _FOOTER.unpack_from(v, pos)
+            (_, fid) = FOOTER.unpack_from(v, pos)
             if fid != sid:
                 raise self._fail(f"section footer for section {fid} closes section {sid}",
                                  base + pos)
@@ -851,161 +490,13 @@ class PrecopyParser:
 
     # -- MEM_SIZE block list ----------------------------------------------------------------
 
-    def _parse_block_entry(self, v: memoryview, pos: int, end: int, events: list[Event],
-                           base: int) -> int | None:
-        if end - pos < 1:
-            return _NEED
-        n = v[pos]
-        if n == 0:
-            raise self._fail("RAM block with an empty name in the MEM_SIZE list", base + pos)
-        q = pos + 1 + n + 8
-        if end < q:
-            return _NEED
-        raw = bytes(v[pos + 1:pos + 1 + n])
-        (used,) = _BE64.unpack_from(v, pos + 1 + n)
-        if used > self._memsize_left:
-            raise self._fail(
-                f"RAM block {raw!r} ({used:#x} bytes) overruns the MEM_SIZE total "
-                f"({self._memsize_total:#x})", base + pos)
-        if raw in self._blocks_by_raw or any(b.idstr.encode("latin-1") == raw
-                                             for b in self._memsize_list):
-            raise self._fail(f"RAM block {raw!r} listed twice", base + pos)
-        idstr = raw.decode("latin-1")
-        last = used == self._memsize_left
-        has_ps = self._has_page_size(idstr, v, q, end, last, base + pos)
-        if has_ps is _NEED:
-            return _NEED
-        page_size = None
-        if has_ps:
-            if end - q < 8:
-                return _NEED
-            (page_size,) = _BE64.unpack_from(v, q)
-            q += 8
-        addr = None
-        if self._ignore_shared:
-            if end - q < 8:
-                return _NEED
-            (addr,) = _BE64.unpack_from(v, q)
-            q += 8
-        self._memsize_list.append(RamBlock(idstr, used, page_size, addr))
-        self._memsize_left -= used
-        if not self._memsize_left:
-            self._finish_memsize(events)
-        return q
-
-    def _has_page_size(self, idstr: str, v: memoryview, q: int, end: int, last: bool,
-                       offset: int) -> bool | None:
-        """Does this block entry carry a postcopy page-size field at ``v[q]``?
-
-        QEMU writes it when postcopy-ram is on (the stream then has a 16-byte POSTCOPY_ADVISE
-        before RAM) and the block's page size differs from the host's.
-        """
-        summary = self._postcopy_summary
-        if summary is None:
-            return False
-        if self._block_page_sizes is not None:
-            return self._block_page_sizes.get(idstr, self._host_page_size) != self._host_page_size
-        if summary == self._host_page_size:
-            return False          # every block has the host page size
-        if self._ignore_shared:
-            raise self._fail(
-                "postcopy stream with huge-page RAM blocks and x-ignore-shared: pass "
-                "block_page_sizes so the block list can be parsed", offset)
-        # Without x-ignore-shared the next field after used_length is either the page size (a
-        # be64 power of two, so its first byte is 0 and its low 12 bits are clear) or what
-        # follows the entry: the next entry's name length (never 0) or, after the last entry, a
-        # RAM record (never without flags).
-        if last:
-            if end - q < 8:
-                return _NEED
-            (word,) = _BE64.unpack_from(v, q)
-            return word != 0 and word & (word - 1) == 0 and not word & 0xFFF
-        if q >= end:
-            return _NEED
-        return v[q] == 0
-
     def _finish_memsize(self, events: list[Event]) -> None:
-        for b in self._memsize_list:
+        scanner = self._block_list
+        assert scanner is not None
+        for b in scanner.blocks:
             raw = b.idstr.encode("latin-1")
             self.blocks[b.idstr] = b
             self._blocks_by_raw[raw] = b
-        events.append(RamBlocks(self._memsize_offset, self._memsize_total,
-                                tuple(self._memsize_list)))
-        self._memsize_list = []
+        events.append(RamBlocks(scanner.offset, scanner.total, tuple(scanner.blocks)))
+        self._block_list = None
         self._state = _ST_RAM
-
-
-# --- the editor ----------------------------------------------------------------------------------
-
-class EditorOutput(NamedTuple):
-    """What :meth:`PrecopyEditor.feed` returns."""
-
-    out: list[memoryview | bytes]
-    """Byte chunks to forward, in order (``writelines``-ready)."""
-    events: list[Event]
-    """The parser's events for the same input (dropped records have ``dropped`` set)."""
-
-
-DropPage = Callable[[str, int, Union[memoryview, bytes, None]], bool]
-
-
-class PrecopyEditor:
-    """Re-emits a precopy stream byte-exactly, except for the page records ``drop_page`` drops.
-
-    ``drop_page(block, index, data) -> bool`` is asked for every page record, in stream order,
-    while the record is parsed: ``data`` is the content of a PAGE record (see the module's
-    zero-copy contract) or ``None`` for a ZERO record. Returning true removes the whole record
-    from the output, e.g. when the destination already holds exactly this content. Compare
-    against the last content *forwarded* for the page (it may still be in flight, and a later
-    record of the same page may differ), not against the destination's RAM as it is now; ZERO
-    records are offered too so that such bookkeeping sees every record in order.
-
-    A dropped record may have been the one naming its block (no CONTINUE flag); QEMU's
-    receiver remembers the last named block, so the editor tracks the block the destination
-    will believe is current and, when a kept CONTINUE record would be attributed to the wrong
-    block, rewrites its header: CONTINUE cleared and the block's idstr inserted. With nothing
-    dropped, the output is the input, byte for byte.
-
-    Output lags input by at most one incomplete record (held until its end arrives);
-    :meth:`flush` releases such a tail unchanged at the end of a truncated stream.
-    """
-
-    def __init__(self, drop_page: DropPage | None = None, **parser_kwargs):
-        self.parser = PrecopyParser(**parser_kwargs)
-        self.parser._drop = drop_page
-        self.parser._out = []
-        self.bytes_in = 0
-        self.bytes_out = 0
-
-    def feed(self, data: bytes | bytearray | memoryview) -> EditorOutput:
-        out: list[memoryview | bytes] = []
-        self.parser._out = out
-        view = memoryview(data)
-        self.bytes_in += view.nbytes
-        events = self.parser.feed(view)
-        self.bytes_out += sum(len(c) for c in out)
-        return EditorOutput(out, events)
-
-    def flush(self) -> bytes:
-        """Bytes held back (an incomplete record), unchanged; empty at a record boundary."""
-        tail = bytes(self.parser._carry)
-        self.bytes_out += len(tail)
-        return tail
-
-    def finish(self) -> None:
-        """Same check as :meth:`PrecopyParser.finish`."""
-        self.parser.finish()
-
-    @property
-    def dropped_pages(self) -> int:
-        return self.parser.dropped_pages
-
-    @property
-    def dropped_bytes(self) -> int:
-        """Input bytes removed (whole page records)."""
-        return self.parser.dropped_bytes
-
-    @property
-    def fixed_records(self) -> int:
-        """Kept CONTINUE records rewritten to name their block."""
-        return self.parser.fixed_records
