@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 GUEST   ?= build/guest
 STAMP   := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench bench-quick compare compare-quick busy disks disks-quick deps venv guest clean
+.PHONY: test test-fast demo bench bench-quick compare compare-quick busy disks disks-quick cost cost-quick deps venv guest clean
 
 $(STAMP): pyproject.toml
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null \
@@ -59,6 +59,12 @@ disks: $(STAMP) guest          # root: a VM with a 4 GiB disk vs QEMU's storage 
 
 disks-quick: $(STAMP) guest    # root: 256 MiB disk, loopback; ~2 min
 	$(BIN)/python -m bench.disks --quick
+
+cost: $(STAMP) guest           # root: the cost of staying warm (CPU, wire, stream); ~12 min
+	$(BIN)/python -m bench.cost --out bench/RESULTS-cost.md
+
+cost-quick: $(STAMP) guest     # root: 512 MiB guest, 12 s windows; report on stdout; ~6 min
+	$(BIN)/python -m bench.cost --quick
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
