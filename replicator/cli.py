@@ -258,6 +258,31 @@ def cmd_lifecycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_placement(args: argparse.Namespace) -> int:
+    """takeover --force / discard-here: the two commands that decide where the domain runs
+    without the peer's say (a peer gone for good, or a split brain)."""
+    if args.command == "takeover":
+        if not args.force:
+            print("takeover starts the domain here without the peer: only when the peer is gone "
+                  "for good (a fresh boot from this host's disks; its RAM is lost). Both hosts "
+                  "running it later is a split brain that you must resolve. Add --force.",
+                  file=sys.stderr)
+            return 2
+        path, body = "/api/v1/takeover", {"force": True}
+    else:
+        path, body = "/api/v1/discard-here", {"confirm": True}
+    url, token = _api_with_token(args)
+    try:
+        code, data = _run_async(_request("POST", url, path, token, body, timeout=120))
+    except OSError as exc:
+        raise ReplicatorError(f"cannot reach the daemon at {url}: {exc}") from None
+    if code != 200:
+        print(f"{args.command} failed (HTTP {code}): {data.get('error')}", file=sys.stderr)
+        return 1
+    print(data.get("message", "done"))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """Open the status page logged in: a one-time login link, traded for the API token."""
     from .control import ui
@@ -389,6 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_api(sp)
     sp.set_defaults(func=cmd_lifecycle)
 
+    sp = sub.add_parser("takeover", help="start the domain here without the peer (it is gone "
+                                         "for good): a fresh boot from this host's disks")
+    with_api(sp)
+    sp.add_argument("--force", action="store_true", help="yes, without the peer")
+    sp.set_defaults(func=cmd_placement)
+
+    sp = sub.add_parser("discard-here", help="split brain: stop the domain here and discard "
+                                             "this host's copy; it becomes the shadow of the "
+                                             "peer's (after a full compare)")
+    with_api(sp)
+    sp.set_defaults(func=cmd_placement)
+
     sp = sub.add_parser("ui", help="open the status page in a browser, logged in (a one-time "
                                    "link; no token to paste)")
     with_api(sp)
@@ -409,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--disk-dirty", type=float, default=1.0,
                     help="guest disk write rate, MiB/s (besides its disk check)")
     sp.add_argument("--replicate-seconds", type=float, default=8.0)
+    sp.add_argument("--round-trip", action="store_true",
+                    help="then bring the VM home: the laptop streams it back, switch back")
+    sp.add_argument("--away-seconds", type=float, default=10.0,
+                    help="with --round-trip: how long the VM runs on the laptop")
     sp.add_argument("--accel", choices=("tcg", "kvm"), default="tcg",
                     help="tcg works everywhere; kvm where guests really run under it")
     sp.add_argument("--guest-dir", default=None, help="test guest (default build/guest)")

@@ -69,6 +69,8 @@ def parse_address(value: str, *, key: str, path: str | None = None) -> tuple[str
 class NodeConfig:
     """Who this node is."""
     name: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
+    # The domain's initial home ("source") or standby ("sink"). Only the first start reads it:
+    # from then on where the domain runs follows the switches (see replicator.placement).
     role: Literal["source", "sink"] = "source"
     state_dir: Path = Path("/var/lib/replicator")
     identity_dir: Path | None = None        # key + certificate; default <state_dir>/identity
@@ -153,11 +155,16 @@ class StreamConfig:
     disk_interval: float = 1.0              # seconds between disk rounds (dirty-bitmap pulls)
 
 
+DEFAULT_PEER_ADDRESS = "127.0.0.1:7400"
+
+
 @dataclass(frozen=True, slots=True)
 class PeerConfig:
-    """The replication link. The sink listens, the source connects."""
-    address: str = "127.0.0.1:7400"         # source: where the sink listens
-    listen: str = "127.0.0.1:7400"          # sink: where to listen
+    """The replication link. The host that runs the domain connects to the peer's ``listen``
+    address (``address`` here); the other listens. Both set: the domain can move both ways
+    (the round trip); a config with only the one its initial role needs moves it one way."""
+    address: str = ""                       # where the peer listens ("": never sends)
+    listen: str = ""                        # where this node listens ("": never receives)
     id: str = ""                            # the paired peer's node ID (replicator pair)
     timeout: float = 10.0                   # silence after which the link counts as lost
     insecure_plaintext: bool = False        # tests only: no TLS, no authentication
@@ -334,8 +341,10 @@ def _validate(cfg: Config, path: str | None) -> None:
         bad("switch.throttle_initial", "must be between 1 and 99 (percent)")
     if not 1 <= sw.throttle_increment <= 100:
         bad("switch.throttle_increment", "must be between 1 and 100 (percent)")
-    parse_address(cfg.peer.address, key="peer.address", path=path)
-    parse_address(cfg.peer.listen, key="peer.listen", path=path)
+    if cfg.peer.address:
+        parse_address(cfg.peer.address, key="peer.address", path=path)
+    if cfg.peer.listen:
+        parse_address(cfg.peer.listen, key="peer.listen", path=path)
     if not cfg.control.listen.startswith("unix:"):
         parse_address(cfg.control.listen, key="control.listen", path=path)
     for i, h in enumerate(cfg.control.allowed_hosts):
@@ -413,6 +422,14 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> Config:
             raise ConfigError(f"not valid TOML: {exc}", path=path) from None
     cfg = _build(Config, table, "", path)
     cfg = dataclasses.replace(cfg, source_path=path)
+    peer = cfg.peer
+    # The address its initial role needs defaults as it always did; the other one stays
+    # unset (a one-way pairing) unless the config names it.
+    if cfg.node.role == "source" and not peer.address:
+        peer = dataclasses.replace(peer, address=DEFAULT_PEER_ADDRESS)
+    elif cfg.node.role == "sink" and not peer.listen:
+        peer = dataclasses.replace(peer, listen=DEFAULT_PEER_ADDRESS)
+    cfg = dataclasses.replace(cfg, peer=peer)
     _validate(cfg, path)
     if cfg.domain.tracker == "auto":
         chosen = "qemu-precopy" if cfg.domain.driver == "qemu" else "scan"

@@ -106,11 +106,11 @@ class Daemon:
         self.url = ""
         self.token = ""
 
-    def start(self) -> None:
+    def start(self, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "replicator.cli", "run", "-c", str(self.config)],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, cwd=str(REPO),
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     async def wait_api(self, timeout: float = 60) -> None:
         url_file = self.state_dir / "api-url"
@@ -141,25 +141,26 @@ class Daemon:
 
 
 async def stop_pair(source: Daemon | None, sink: Daemon) -> None:
-    """Stop both daemons and end both VMs, which outlive their daemons by design."""
-    pids = []
-    for dm, key in ((sink, "shadow"), (source, None)):
+    """Stop both daemons and end every VM either launched (VMs outlive their daemons by
+    design; after a round trip either host may run one), found by their launch records."""
+    for dm in (source, sink):
+        if dm is not None:
+            dm.stop()
+    for dm in (source, sink):
         if dm is None:
             continue
-        try:
-            _, st = await dm.request("GET", "/api/v1/status", timeout=5)
-            pids.append((st.get(key) or {}).get("pid") if key else st.get("qemu_pid"))
-        except Exception:  # a daemon may be gone already; then there is no VM to end either
-            pass
-    if source is not None:
-        source.stop()
-    sink.stop()
-    for pid in pids:
-        if pid:
+        for rec in dm.state_dir.glob("*/*.launch.json"):
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                os.kill(int(json.loads(rec.read_text())["pid"]), signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
                 pass
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _fmt_bytes(n: float) -> str:
@@ -198,10 +199,17 @@ async def run_demo(args: argparse.Namespace) -> dict:
     from .identity import Identity
     desk_id = Identity.load_or_create(desk / "identity", "desktop").node_id
     lap_id = Identity.load_or_create(lap / "identity", "laptop").node_id
+    round_trip = getattr(args, "round_trip", False)
+    # Both ways: each node listens (the host without the VM keeps its shadow) and knows the
+    # other's address (the host with the VM streams to it).
+    desk_listen = f"127.0.0.1:{_free_port()}" if round_trip else ""
+    lap_peer = {"listen": f"127.0.0.1:{_free_port()}" if round_trip else "127.0.0.1:0",
+                "id": desk_id, **({"address": desk_listen} if round_trip else {})}
     lap_cfg = {
         "node": {"name": "laptop", "role": "sink", "state_dir": str(lap)},
-        "domain": {"name": "demo", "driver": "qemu", "qemu": dict(qemu)},
-        "peer": {"listen": "127.0.0.1:0", "id": desk_id}, "control": {"listen": "127.0.0.1:0"},
+        "domain": {"name": "demo", "driver": "qemu", "tracker": args.tracker,
+                   "qemu": {**qemu, "serial_log": str(lap / "serial.log")}},
+        "peer": lap_peer, "control": {"listen": "127.0.0.1:0"},
     }
     (work / "laptop.toml").write_text(_toml(lap_cfg))
     sink = Daemon("laptop", work / "laptop.toml", lap, work / "laptop.log")
@@ -220,12 +228,19 @@ async def run_demo(args: argparse.Namespace) -> dict:
                 "serial_log": str(desk / "serial.log"),
                 # A plain path: its format is read from the image (the demo made it qcow2).
                 "disks": [str(disk)] if disk_size else []}},
-            "peer": {"address": st["listen"], "id": lap_id},
+            "peer": {"address": st["listen"], "id": lap_id,
+                     **({"listen": desk_listen} if round_trip else {})},
             "control": {"listen": "127.0.0.1:0"},
         }
         (work / "desktop.toml").write_text(_toml(desk_cfg))
         source = Daemon("desktop", work / "desktop.toml", desk, work / "desktop.log")
-        source.start()
+        faults = work / "faults"
+        if round_trip:
+            # The desktop holds for a moment once it made its RAM and disk the shadow, so that
+            # the demo can fingerprint what it kept (to count what the guest changes away).
+            faults.mkdir(exist_ok=True)
+            (faults / "block-peer-shadow-ready").touch()
+        source.start({"REPLICATOR_FAULT_DIR": str(faults)} if round_trip else None)
         await source.wait_api(120)
         say(f"desktop daemon {source.url}  laptop daemon {sink.url} (sink on {st['listen']})")
         say(f"paired over TLS: desktop {desk_id[:14]}...  laptop {lap_id[:14]}...")
@@ -267,7 +282,7 @@ async def run_demo(args: argparse.Namespace) -> dict:
         if code != 200:
             raise ReplicatorError(f"switch failed: {sw.get('error')}")
         counter_before = counters(serial)[-1]
-        shadow_serial = lap / "demo" / "shadow-serial.log"
+        shadow_serial = lap / "serial.log"
         t_wait = time.monotonic()
         while len(counters(shadow_serial)) < 3 and time.monotonic() - t_wait < 30:
             await asyncio.sleep(0.2)
@@ -275,7 +290,7 @@ async def run_demo(args: argparse.Namespace) -> dict:
         _, st_src = await source.request("GET", "/api/v1/status")
         _, st_sink = await sink.request("GET", "/api/v1/status")
         result.update({
-            "sent_bytes": st_src["sent_bytes"]["wire"],
+            "sent_bytes": st_src["sent_bytes"]["wire"],   # (the node's counters, either half)
             "raw_bytes": st_src["sent_bytes"]["raw"],
             "downtime_ms": round(sw["downtime_ms"], 2),
             "time_to_switch_ms": round(sw["time_to_switch_ms"], 2),
@@ -292,7 +307,8 @@ async def run_demo(args: argparse.Namespace) -> dict:
         })
         disks_ok = True
         if disk_size:
-            d_src = st_src["disks"][0]
+            # Both ways the desktop is the shadow by now: its figures from before the switch.
+            d_src = (st_src.get("disks") or st["disks"])[0]
             # The laptop's guest checks its disk again (the rounds after the switch verify
             # what was written before it, on the copy).
             t_wait = time.monotonic()
@@ -340,6 +356,10 @@ async def run_demo(args: argparse.Namespace) -> dict:
         ok = (result["counter_continues"] and st_src["handed_over"] and st_sink["runs_domain"]
               and disks_ok)
         say("  RESULT                " + ("the VM moved and kept running" if ok else "FAILED"))
+        if round_trip and ok:
+            from .demo_trip import come_home
+            ok = await come_home(args, say, result, source, sink, work, disk if disk_size
+                                 else None)
         result["ok"] = ok
         return result
     finally:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from replicator.config import Config, load_config
-from replicator.daemon import SinkNode, SourceNode
+from replicator.node import SinkNode, SourceNode
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

@@ -320,13 +320,24 @@ def test_bad_enum(tmp_path, text, key):
     ("peer.address", ":7400"),
     ("peer.address", "host:65536"),
     ("peer.address", "host:port"),
-    ("peer.address", ""),
     ("peer.listen", "0.0.0.0:-1"),
     ("control.listen", "localhost:99999"),
 ])
 def test_bad_address(tmp_path, key, value):
     table, field = key.split(".")
     expect_error(tmp_path, MINIMAL + f"[{table}]\n{field} = \"{value}\"\n", key, "host:port")
+
+
+def test_peer_addresses_one_way_and_both_ways(tmp_path):
+    """The address a node's initial role needs defaults as before; the other one stays unset
+    (one way) unless named; both named: the domain can come back (the round trip)."""
+    src = load_text(tmp_path, MINIMAL)
+    assert (src.peer.address, src.peer.listen) == ("127.0.0.1:7400", "")
+    sink = load_config({"node": {"role": "sink"}})
+    assert (sink.peer.address, sink.peer.listen) == ("", "127.0.0.1:7400")
+    both = load_text(tmp_path, MINIMAL + '[peer]\naddress = "198.18.0.2:7400"\n'
+                     'listen = "198.18.0.1:7400"\n')
+    assert (both.peer.address, both.peer.listen) == ("198.18.0.2:7400", "198.18.0.1:7400")
 
 
 @pytest.mark.parametrize("value,expected", [

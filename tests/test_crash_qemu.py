@@ -47,13 +47,16 @@ def memchecks(path: Path) -> tuple[int, int]:
 class Pair:
     """Desktop and laptop daemons for one QEMU domain, with a shared fault directory."""
 
-    def __init__(self, d: Path, guest: tuple[Path, Path], daemons, tracker: str):
+    def __init__(self, d: Path, guest: tuple[Path, Path], daemons, tracker: str,
+                 both_ways: bool = False):
         kernel, initrd = guest
         self.d = d
         self.faults = d / "faults"
         self.faults.mkdir()
         source_id, sink_id = pair_ids(d / "desk", d / "lap")
         port = free_port()
+        # Both ways (the round trip): the laptop connects back to the desktop's listener.
+        back = {"listen": f"127.0.0.1:{free_port()}"} if both_ways else {}
         qemu = {"ram_size": RAM, "accel": "tcg", "kernel": str(kernel), "initrd": str(initrd),
                 "append": "console=ttyS0 quiet fill=25 dirty=2 memcheck=3"}
         stream = {"reconnect_delay": 0.2}
@@ -72,13 +75,14 @@ class Pair:
                        "qemu": {**qemu, "launch": True, "ram_path": str(d / "desk-ram"),
                                 "serial_log": str(self.desk_log),
                                 "disks": [{"path": str(self.disk), "format": "qcow2"}]}},
-            "peer": {"address": f"127.0.0.1:{port}", "id": sink_id},
+            "peer": {"address": f"127.0.0.1:{port}", "id": sink_id, **back},
             "stream": stream, "control": {"listen": "127.0.0.1:0"}})
         self.snk: Daemon = daemons("lap", d, {
             "node": {"name": "laptop", "role": "sink", "state_dir": str(d / "lap")},
-            "domain": {"name": "vm", "driver": "qemu",
+            "domain": {"name": "vm", "driver": "qemu", "tracker": tracker,
                        "qemu": {**qemu, "serial_log": str(self.lap_log)}},
-            "peer": {"listen": f"127.0.0.1:{port}", "id": source_id},
+            "peer": {"listen": f"127.0.0.1:{port}", "id": source_id,
+                     **({"address": back["listen"]} if both_ways else {})},
             "stream": stream, "control": {"listen": "127.0.0.1:0"}})
         for dm in (self.src, self.snk):
             dm.env = {"REPLICATOR_FAULT_DIR": str(self.faults)}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from replicator.config import load_config
-from replicator.daemon import SinkNode, SourceNode
+from replicator.node import SinkNode, SourceNode
 from replicator.demo import counters
 from replicator.vmm.disks import query_disks
 

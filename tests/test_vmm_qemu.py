@@ -204,7 +204,10 @@ def test_build_argv_source_and_shadow(tmp_path):
     # commas in option values are doubled
     assert f"memory-backend-file,id=ram0,size={RAM},mem-path={tmp_path}/ram,,1,share=on" in argv
     assert argv[argv.index("-machine") + 1] == "q35,memory-backend=ram0"
-    assert argv[argv.index("-serial") + 1] == f"file:{tmp_path}/serial.log"
+    # The serial log is appended to (a VM coming back after a round trip writes on)
+    chardevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-chardev"]
+    assert f"file,id=serial0,path={tmp_path}/serial.log,append=on" in chardevs
+    assert argv[argv.index("-serial") + 1] == "chardev:serial0"
     assert argv[argv.index("-append") + 1] == "console=ttyS0 quiet"
     assert argv[argv.index("-uuid") + 1] == "12345678-1234-5678-1234-567812345678"
     # Each disk: a JSON -blockdev (path verbatim, explicit format, qcow2 without a backing file

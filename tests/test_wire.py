@@ -133,7 +133,7 @@ def test_frame_layout_is_type_then_fields():
     body = encode(msg)[4:]
     assert msgpack.unpackb(body) == [m.Ack.TYPE, 5]
     hello = m.Hello(1, "a", "b", (m.RegionInfo("ram", 8192),))
-    assert msgpack.unpackb(encode(hello)[4:]) == [1, 1, "a", "b", [["ram", 8192, 4096]], b""]
+    assert msgpack.unpackb(encode(hello)[4:]) == [1, 1, "a", "b", [["ram", 8192, 4096]], b"", 0]
 
 
 def test_optional_trailing_fields_may_be_omitted():

@@ -209,6 +209,27 @@ def make_app(node: Node, token: str, token_file: str | None = None, *,
                 return _error(409, str(exc))
         return handler
 
+    def confirmed(name: str, key: str):
+        """A dangerous placement action: it needs ``{"<key>": true}`` in the body."""
+        async def handler(request: web.Request) -> web.Response:
+            refused = refusal(request)
+            if refused is not None:
+                return refused
+            try:
+                body = json.loads((await request.read()).decode("utf-8") or "{}")
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                return _error(400, "request body is not JSON")
+            if not isinstance(body, dict) or set(body) - {key} or body.get(key) is not True:
+                return _error(400, f'this needs the body {{"{key}": true}}')
+            action = getattr(node, name, None)
+            if action is None:
+                return _error(400, f"this node cannot {name.replace('_', ' ')}")
+            try:
+                return web.json_response(await action())
+            except ReplicatorError as exc:
+                return _error(409, str(exc))
+        return handler
+
     async def login_link(request: web.Request) -> web.Response:
         # The bearer token only: a session must not be able to mint more sessions.
         if "Authorization" not in request.headers or refusal(request) is not None:
@@ -244,6 +265,8 @@ def make_app(node: Node, token: str, token_file: str | None = None, *,
     app.router.add_post("/api/v1/switch", switch)
     app.router.add_post("/api/v1/pause", lifecycle("pause_replication"))
     app.router.add_post("/api/v1/resume", lifecycle("resume_replication"))
+    app.router.add_post("/api/v1/takeover", confirmed("takeover", "force"))
+    app.router.add_post("/api/v1/discard-here", confirmed("discard_here", "confirm"))
     app.router.add_post("/api/v1/login-link", login_link)
     return app
 

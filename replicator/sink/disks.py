@@ -354,6 +354,38 @@ class DiskCopies:
         except (QemuError, OSError) as exc:
             log.warning("stopping the disk writers: %s", exc)
 
+    def local_specs(self) -> tuple[DiskSpec, ...]:
+        """This host's disk copies as they are on disk (the copies of this run, else the
+        config's disks, else the copies in the state dir), for booting the domain here."""
+        if self.copies:
+            return self.specs()
+        configured = self.cfg.domain.qemu.disks
+        if configured:
+            return tuple(DiskSpec(d.path, probe_format(d.path) if d.format == "auto"
+                                  else d.format) for d in configured)
+        found = []
+        for i in range(64):
+            for fmt in ("qcow2", "raw"):
+                path = self.root / f"disk{i}.{fmt}"
+                if path.exists():
+                    found.append(DiskSpec(path, fmt))
+                    break
+            else:
+                break
+        return tuple(found)
+
+    async def forget(self) -> None:
+        """Drop what is known of the copies: this host's VM ran on them, so they are hashed
+        anew when the peer next offers its disks."""
+        await self.close()
+        self.copies = []
+        self.forget_files(self.root)
+
+    @staticmethod
+    def forget_files(root: Path) -> None:
+        for path in list(root.glob("disk*.state.json")) + list(root.glob("disk*.manifest")):
+            path.unlink(missing_ok=True)
+
     def status(self) -> list[dict[str, Any]]:
         return [{"index": c.index, "path": str(c.spec.path), "format": c.spec.format,
                  "size_bytes": c.size, "generation": c.generation, "written_bytes": c.written,

@@ -179,6 +179,41 @@ class QemuShadow(Shadow):
                 log.critical("the domain was committed here but its QEMU (pid %s) is %r",
                              proc.pid, state)
 
+    async def boot(self) -> None:
+        """Start the domain afresh on this host's RAM file and disk copies (``replicator
+        takeover --force``: the peer is gone, so there is no device state; the guest boots)."""
+        async with self._lock:
+            if self.proc is not None:
+                await self.proc.close()
+                self.proc = None
+            q = self.cfg.domain.qemu
+            store = self.receiver.store
+            if store is not None and RAM_BACKEND_ID in store.regions:
+                ram_path, size = store.regions[RAM_BACKEND_ID].path, store.regions[
+                    RAM_BACKEND_ID].info.size
+            else:
+                ram_path = self.receiver.images.get(RAM_BACKEND_ID) or self.workdir / "ram0.img"
+                size = q.ram_size
+            disks = self.receiver.disks.local_specs()
+            try:
+                spec = spec_from_config(self.cfg.domain.name, dataclasses.replace(q, disks=()),
+                                        ram_path, self.serial_log,
+                                        {"ram_bytes": size} if size else None)
+                spec = dataclasses.replace(spec, disks=disks)
+            except QemuError as exc:
+                raise DomainError(f"cannot describe the VM to boot here: {exc}") from None
+            self._check_disks(spec)
+            log.warning("booting domain %s here without the peer (%d MiB on %s, %d disk(s))",
+                        spec.name, spec.ram_bytes >> 20, ram_path, len(disks))
+            self.proc = await QemuProcess.launch(spec, self.workdir)
+            self.running = True
+
+    def take_process(self) -> QemuProcess | None:
+        """Hand the QEMU that runs the domain to the node's source half (QMP has one client):
+        from now on this shadow holds nothing."""
+        proc, self.proc, self.running = self.proc, None, False
+        return proc
+
     def status(self) -> dict:
         return {"kind": "qemu", "running": self.running,
                 "pid": self.proc.pid if self.proc else None,

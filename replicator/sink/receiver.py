@@ -27,6 +27,7 @@ from ..wire.pages import decode_batch
 from .admission import Admission
 from .disks import DiskCopies
 from .store import ShadowStore
+from ..vmm.spec import RAM_BACKEND_ID
 from .vmcheck import check_offer
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,16 @@ class SinkReceiver:
         self.disconnect_handler: Callable[[], Awaitable[None]] | None = None
         self.precopy_handler: SwitchHandler | None = None
         self.stream_kind = ""                    # "scan" or "precopy", once the source says
+        self.peer_generation = 0                 # the source's placement generation (Hello)
+        #: Whether the domain runs (or may run) on this host: then no source may stream to
+        #: it, and a source that connects is told so (``Welcome.handed_over``). The node sets
+        #: this; by default the store's own record decides.
+        self.domain_here: Callable[[], bool] = (
+            lambda: self.store is not None and self.store.handed_over)
+        #: This host's placement generation and where it got it, for the Welcome.
+        self.placement: Callable[[], tuple[int, float, bool]] = (
+            lambda: (self.store.generation, self.store.running_since, self.store.forced)
+            if self.store is not None else (0, 0.0, False))
         self.connected = asyncio.Event()
         self._lsock: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
@@ -72,6 +83,10 @@ class SinkReceiver:
         self._ssl = self.identity.server_context() if self.identity is not None else None
         self.admission = Admission(cfg.peer.max_unauthenticated,
                                    cfg.peer.max_unauthenticated_per_address, self.metrics)
+        #: Region images elsewhere than in the state dir: a QEMU domain's RAM file, when
+        #: this host's config names one (the VM that ran here ran on it).
+        ram = cfg.domain.qemu.ram_path if cfg.domain.driver == "qemu" else None
+        self.images = {RAM_BACKEND_ID: Path(ram)} if ram is not None else {}
         #: This host's copies of the source's disks (opened when the source offers disks).
         self.disks = DiskCopies(cfg, self.root, self.metrics)
 
@@ -125,6 +140,13 @@ class SinkReceiver:
             self.store.close(clean=True)
             self.store = None
         await self.disks.close()
+
+    async def end_session(self) -> None:
+        """End the paired source's session, if any, and wait until it is over."""
+        if self.link is not None:
+            await self.link.close()
+        async with self._busy:
+            pass
 
     async def _authenticated(self, conn: socket.socket) -> Link | None:
         """The connection once it is TLS and proved the paired source's ID, within
@@ -260,7 +282,7 @@ class SinkReceiver:
                                  f"[{want}]; remove {self.root} on the sink to start over")
         if self.store is not None:
             return self.store
-        return ShadowStore.open(self.root, offered)
+        return ShadowStore.open(self.root, offered, self.images)
 
     async def _session(self, link: Link) -> None:
         hello = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
@@ -270,20 +292,32 @@ class SinkReceiver:
             await _reject(link, f"protocol version {hello.version} is not supported "
                                 f"(this sink speaks {m.PROTOCOL_VERSION})")
             raise ProtocolError(f"source speaks protocol {hello.version}")
+        if hello.domain != self.cfg.domain.name:
+            await _reject(link, f"source offers domain {hello.domain!r}, this node keeps "
+                                f"{self.cfg.domain.name!r}")
+            raise LayoutMismatch(f"source offers domain {hello.domain!r}")
+        self.source_node = hello.node
+        if self.domain_here():
+            # Never a stream into a domain that runs here: tell the peer (it may be waiting
+            # for a switch's outcome; or it runs the domain too: a split brain it reports).
+            generation, since, forced = self.placement()
+            await link.send(m.Welcome(m.PROTOCOL_VERSION, self.cfg.node.name, 0, True,
+                                      generation, since, forced))
+            log.info("source %s connected; the domain runs here, so nothing to receive",
+                     hello.node)
+            return
         try:
-            self.store = self._open_store(hello)
+            # In a thread: a store opened on a RAM file this host's VM ran on is re-hashed.
+            self.store = await asyncio.to_thread(self._open_store, hello)
         except (LayoutMismatch, StoreError) as exc:
             await _reject(link, str(exc))
             raise
         store = self.store
-        self.source_node = hello.node
         self.vm_description = hello.vm
+        self.peer_generation = hello.generation
+        generation, since, forced = self.placement()
         await link.send(m.Welcome(m.PROTOCOL_VERSION, self.cfg.node.name, store.epoch,
-                                  store.handed_over))
-        if store.handed_over:
-            log.info("source %s connected; the domain runs here, so nothing to receive",
-                     hello.node)
-            return
+                                  False, generation, since, forced))
         for name, r in store.regions.items():
             h = r.hashes
             for first in range(0, len(h), MANIFEST_CHUNK_PAGES):

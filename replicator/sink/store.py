@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,11 +85,16 @@ class _Region:
 class ShadowStore:
     """Per-region shadow images plus a crash-safe per-page manifest."""
 
-    def __init__(self, root: Path, regions: list[RegionInfo]):
+    def __init__(self, root: Path, regions: list[RegionInfo],
+                 images: dict[str, Path] | None = None):
         self.root = root
         self.regions: dict[str, _Region] = {}
         self.epoch = 0
         self.handed_over = False
+        self.generation = 0             # placement generation at which handed_over was set
+        self.running_since = 0.0
+        self.forced = False
+        self._images = dict(images or {})
         self._journal_fd = -1
         self._journal_size = 0
         self._pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -113,9 +119,12 @@ class ShadowStore:
                              f"{root} on the sink to start the shadow over") from None
 
     @classmethod
-    def open(cls, root: Path, regions: list[RegionInfo]) -> "ShadowStore":
-        """Open (or create) the store for ``regions``; the layout must match an existing one."""
-        store = cls(root, regions)
+    def open(cls, root: Path, regions: list[RegionInfo],
+             images: dict[str, Path] | None = None) -> "ShadowStore":
+        """Open (or create) the store for ``regions``; the layout must match an existing one.
+        ``images``: a region's image somewhere else than ``<root>/<region>.img`` (a host's own
+        RAM file, which its VM ran on before it handed the domain over)."""
+        store = cls(root, regions, images)
         try:
             store._open()
         except OSError as exc:
@@ -139,13 +148,16 @@ class ShadowStore:
             raise StoreError(f"store {self.root} holds a different layout "
                              f"({_fmt(existing)}) than offered ({_fmt(self._infos)})")
         for i, info in enumerate(self._infos):
-            path = self.root / f"{info.name}.img"
+            path = self._images.get(info.name) or self.root / f"{info.name}.img"
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             if os.fstat(fd).st_size != info.size:
                 os.ftruncate(fd, info.size)         # sparse: holes read as zero pages
             self.regions[info.name] = _Region(
                 info, i, path, fd, np.full(info.size // PAGE_SIZE, ZERO_HASH, dtype=np.uint64))
         self.handed_over = state.get("handed_over", False)
+        self.generation = int(state.get("generation", 1 if self.handed_over else 0))
+        self.running_since = float(state.get("running_since", 0.0))
+        self.forced = bool(state.get("forced", False))
         self.external_writes = False
         clean = state.get("clean", False)
         # No state but a manifest or journal: the state file was removed (after it was
@@ -208,8 +220,22 @@ class ShadowStore:
     def _write_state(self, *, clean: bool) -> None:
         atomic_write(self.root / "state.json", json.dumps({
             "epoch": self.epoch, "clean": clean, "boot_id": _boot_id(),
-            "handed_over": self.handed_over,
+            "handed_over": self.handed_over, "generation": self.generation,
+            "running_since": self.running_since, "forced": self.forced,
             "external_writes": getattr(self, "external_writes", False)}))
+
+    @staticmethod
+    def forget(root: Path, generation: int) -> None:
+        """Start the shadow over on the images as they are: this host's own VM ran on them
+        (it just handed the domain over), so no manifest describes them. The next open re-hashes
+        them, and the source sends only pages that differ."""
+        for name in ("manifest", "journal", "layout.json"):
+            (root / name).unlink(missing_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        # Unclean with no boot ID: the next open re-hashes whatever the images hold.
+        atomic_write(root / "state.json", json.dumps({
+            "epoch": 0, "clean": False, "boot_id": "", "handed_over": False,
+            "generation": generation}))
 
     def begin_external_writes(self) -> None:
         """Another writer (a shadow QEMU loading a relayed migration) changes the images now.
@@ -226,9 +252,15 @@ class ShadowStore:
         self.external_writes = False
         self._write_state(clean=False)
 
-    def set_handed_over(self, value: bool) -> None:
-        """Persist that the domain now runs elsewhere / here (fencing survives restarts)."""
+    def set_handed_over(self, value: bool, *, generation: int | None = None,
+                        forced: bool = False) -> None:
+        """Persist that the domain now runs here (``value``), from placement ``generation``
+        on (fencing survives restarts)."""
         self.handed_over = value
+        if generation is not None:
+            self.generation = generation
+        self.running_since = time.time() if value else 0.0
+        self.forced = forced and value
         self._write_state(clean=False)
 
     # --- manifest snapshot + journal ---------------------------------------------------------

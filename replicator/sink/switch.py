@@ -165,7 +165,7 @@ class SinkSwitch:
                     await self._answer(link, "commit", False, "disk copies not verified")
                     return
                 # Persist first: from here on this host owns the domain, even across restarts.
-                store.set_handed_over(True)
+                store.set_handed_over(True, generation=self.receiver.peer_generation + 1)
                 self.committed = True
                 await checkpoint("sink-commit-persisted")
                 resumed_at = await self.shadow.run()

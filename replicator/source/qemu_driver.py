@@ -77,6 +77,12 @@ class QemuDriver(DomainDriver):
             if q.qmp_socket is None:
                 raise DomainError("domain.qemu needs qmp_socket (attach) or launch = true")
             proc = await QemuProcess.attach(q.qmp_socket, workdir=workdir)
+        return await cls.from_process(cfg, proc)
+
+    @classmethod
+    async def from_process(cls, cfg: Config, proc: QemuProcess) -> "QemuDriver":
+        """The driver for a QEMU this node already holds: the shadow that became the domain
+        when a switch committed here (launched from this host's config, as a shadow)."""
         try:
             backends = await proc.shared_ram_backends()
         except QemuError:

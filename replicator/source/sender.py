@@ -62,6 +62,10 @@ class SourceReplicator:
         self.connected = asyncio.Event()
         self.sink_node = ""
         self.sink_handed_over = False
+        #: The placement this node runs the domain at (sent in Hello), and the sink's view of
+        #: itself from its Welcome: generation, running since, started by hand.
+        self.generation = 0
+        self.sink_placement: tuple[int, float, bool] = (0, 0.0, False)
         self.last_error = ""
         self._connect = connect or self._tcp_connect
         self.identity = identity_for(cfg)
@@ -194,7 +198,7 @@ class SourceReplicator:
         hello = m.Hello(
             version=m.PROTOCOL_VERSION, node=self.cfg.node.name, domain=self.cfg.domain.name,
             regions=tuple(m.RegionInfo(r.name, r.size, PAGE_SIZE) for r in self.regions),
-            vm=_pack_vm(await self.driver.vm_description()))
+            vm=_pack_vm(await self.driver.vm_description()), generation=self.generation)
         await link.send(hello)
         reply = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
         if isinstance(reply, m.Reject):
@@ -208,6 +212,7 @@ class SourceReplicator:
                                f"{m.PROTOCOL_VERSION}")
         self.sink_node = reply.node
         self.sink_handed_over = reply.handed_over
+        self.sink_placement = (reply.generation, reply.running_since, reply.forced)
         self.sessions += 1
         if reply.handed_over:
             raise PeerRejected(f"sink {reply.node} runs the domain now (handed over); "

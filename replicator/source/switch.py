@@ -91,8 +91,10 @@ class _Progress:
 class HandoverState:
     """Persisted fencing flag: once set, this node must never resume the domain."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, generation: int = 0):
         self.path = path
+        #: The placement generation the domain runs at here; a hand-over is the next one.
+        self.generation = generation
 
     def load(self) -> dict | None:
         try:
@@ -106,7 +108,7 @@ class HandoverState:
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps(state))
+        atomic_write(self.path, json.dumps({**state, "generation": self.generation + 1}))
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -194,8 +194,11 @@ def build_argv(
         argv += ["-blockdev", json.dumps(blockdev(disk, f"disk{i}"), separators=(",", ":")),
                  "-device", f"virtio-blk-pci,drive=disk{i},id=disk{i}-dev"]
     if spec.serial_log is not None:
-        # The legacy "file:" form takes the rest of the string verbatim as the path.
-        argv += ["-serial", f"file:{spec.serial_log}"]
+        # Appended, not truncated: after a round trip the VM comes back to a QEMU on this host
+        # that writes the same log (commas in the path are doubled, QEMU's option escaping).
+        path = str(spec.serial_log).replace(",", ",,")
+        argv += ["-chardev", f"file,id=serial0,path={path},append=on",
+                 "-serial", "chardev:serial0"]
     if incoming is not None:
         argv += ["-incoming", incoming]
     if paused or incoming is not None:

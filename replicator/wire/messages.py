@@ -28,7 +28,8 @@ from typing import ClassVar
 
 from ..errors import MalformedFrame
 
-PROTOCOL_VERSION = 1
+#: 2: Hello/Welcome carry the placement generation (the round trip, split-brain refusal).
+PROTOCOL_VERSION = 2
 
 #: Domain and region names (they become file names on the sink): 1-64 of letters, digits and
 #: ``._-``, not starting with ``._-``. Config validation uses the same rule.
@@ -60,6 +61,7 @@ class Hello:
     domain: str
     regions: tuple[RegionInfo, ...]
     vm: bytes = b""          # msgpack'd VM description: the sink checks it, never trusts it
+    generation: int = 0      # the source's placement generation (switches it has seen)
 
     def __post_init__(self) -> None:
         _check_name("domain name", self.domain)
@@ -71,7 +73,10 @@ class Welcome:
     version: int
     node: str
     acked_epoch: int
-    handed_over: bool = False
+    handed_over: bool = False   # the domain runs here, at the node that answers
+    generation: int = 0         # the answering node's placement generation
+    running_since: float = 0.0  # when the domain started running here (handed_over), epoch s
+    forced: bool = False        # it was started here by hand (replicator takeover --force)
 
 
 @dataclass(frozen=True, slots=True)
