@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -m "not qemu"
 
 demo: $(STAMP) guest
-	$(BIN)/replicator demo
+	$(BIN)/replicator demo --round-trip
 
 bench: $(STAMP) guest          # root: network namespaces + tc; ~25 min
 	$(BIN)/python -m bench.stream
