@@ -9,6 +9,7 @@ the sink committed, the source stays paused (and learns the outcome once the lin
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from replicator.cli import _request
 from replicator.demo import _toml, counters
 
 from .conftest import ROOT, pair_ids
-from .netns import LAP_ADDR, TwoHosts
+from .netns import DESK_ADDR, LAP_ADDR, TwoHosts
 from .conftest import wait_until
 from .test_switch_qemu import qemu_table
 
@@ -59,6 +60,7 @@ async def status(sock: Path) -> dict:
     return st
 
 
+@pytest.mark.parametrize("way", ["there", "back"])
 @pytest.mark.parametrize("tracker", ["scan", "qemu-precopy"])
 @pytest.mark.parametrize("phase,expect_on", [
     ("source-paused", "desk"),         # before the final delta: the source resumes
@@ -66,8 +68,11 @@ async def status(sock: Path) -> dict:
     ("source-device-sent", "desk"),    # device state sent, commit lost: the source resumes
     ("sink-committed", "lap"),         # the sink committed: the source stays paused
 ])
-async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, tracker):
+async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, tracker, way):
+    """``way`` "back": the nodes are peers, the guest went to the laptop first and the link is
+    cut during the switch back home (the laptop is the source then)."""
     d = shm_dir
+    back = way == "back"
     faults = d / "faults"
     faults.mkdir()
     desk_id, lap_id = pair_ids(d / "desk", d / "lap")
@@ -79,8 +84,11 @@ async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, t
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "32M"], check=True)
     (d / "lap.toml").write_text(_toml({
         "node": {"name": "laptop", "role": "sink", "state_dir": str(d / "lap")},
-        "domain": {"name": "vm", "driver": "qemu", "qemu": q},
-        "peer": {"listen": f"{LAP_ADDR}:7400", "id": desk_id, **timeouts},
+        "domain": {"name": "vm", "driver": "qemu", "tracker": tracker, "qemu": q},
+        "peer": {"listen": f"{LAP_ADDR}:7400", "id": desk_id, **timeouts,
+                 **({"address": f"{DESK_ADDR}:7400"} if back else {})},
+        "switch": {"step_timeout": 15.0},
+        "stream": {"reconnect_delay": 0.5},
         "control": {"listen": f"unix:{d / 'lap.sock'}"}}))
     (d / "desk.toml").write_text(_toml({
         "node": {"name": "desktop", "role": "source", "state_dir": str(d / "desk")},
@@ -88,13 +96,13 @@ async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, t
             **q, "launch": True, "ram_path": str(d / "desk-ram"),
             "serial_log": str(d / "desk.log"),
             "disks": [str(disk)]}},            # format read from the image (qcow2)
-        "peer": {"address": f"{LAP_ADDR}:7400", "id": lap_id, **timeouts},
+        "peer": {"address": f"{LAP_ADDR}:7400", "id": lap_id, **timeouts,
+                 **({"listen": f"{DESK_ADDR}:7400"} if back else {})},
         "switch": {"step_timeout": 15.0},
         "stream": {"reconnect_delay": 0.5},
         "control": {"listen": f"unix:{d / 'desk.sock'}"}}))
     sink = DaemonProc(hosts, "lap", d / "lap.toml", faults, d / "lap.log")
     source = None
-    shadow_pid = None
     try:
         await wait_until(lambda: (d / "lap.sock").exists(), 30, "the sink daemon")
         source = DaemonProc(hosts, "desk", d / "desk.toml", faults, d / "desk.log.err")
@@ -113,9 +121,23 @@ async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, t
         else:
             raise AssertionError("replication did not start")
 
+        # Who switches (the host that runs the guest) and who receives it.
+        src, dst = ("lap", "desk") if back else ("desk", "lap")
+        logs = {"desk": d / "desk.log", "lap": d / "lap" / "vm" / "shadow-serial.log"}
+        if back:
+            token = (d / "desk" / "api-token").read_text().strip()
+            code, result = await _request("POST", f"unix:{d / 'desk.sock'}", "/api/v1/switch",
+                                          token, {"mode": "live"})
+            assert code == 200, result
+
+            async def back_in_sync() -> bool:
+                st = await status(d / "lap.sock")
+                return bool(st.get("in_sync")) and st["peer"]["connected"]
+            await wait_until(back_in_sync, 120, "the laptop to stream the guest back")
+            expect_on = {"desk": "lap", "lap": "desk"}[expect_on]
         (faults / f"block-{phase}").touch()
-        token = (d / "desk" / "api-token").read_text().strip()
-        switch = asyncio.create_task(_request("POST", f"unix:{d / 'desk.sock'}",
+        token = (d / src / "api-token").read_text().strip()
+        switch = asyncio.create_task(_request("POST", f"unix:{d / f'{src}.sock'}",
                                               "/api/v1/switch", token, {"mode": "live"}))
         await wait_until(lambda: (faults / f"at-{phase}").exists(), 60, f"checkpoint {phase}")
         hosts.link_down()
@@ -126,55 +148,50 @@ async def test_link_cut_during_switch(shm_dir, hosts, guest, phase, expect_on, t
         hosts.link_up()
 
         async def settled() -> tuple[str, str]:
-            desk_state = (await status(d / "desk.sock")).get("domain_state")
-            lap_st = await status(d / "lap.sock")
-            return desk_state, lap_st.get("domain_state") or "none"
+            src_st = await status(d / f"{src}.sock")
+            dst_st = await status(d / f"{dst}.sock")
+            return src_st.get("domain_state") or "none", dst_st.get("domain_state") or "none"
+        fence = d / src / "vm" / "handed-over.json"
         end = asyncio.get_running_loop().time() + 60
         while True:
-            desk_state, lap_state = await settled()
-            done = (desk_state == "running" and lap_state != "running") if expect_on == "desk" \
-                else (desk_state != "running" and lap_state == "running"
-                      and (d / "desk" / "vm" / "handed-over.json").exists()
-                      and "handed-over" in (d / "desk" / "vm" / "handed-over.json").read_text())
+            src_state, dst_state = await settled()
+            done = (src_state == "running" and dst_state != "running") if expect_on == src \
+                else (src_state != "running" and dst_state == "running"
+                      and fence.exists() and "handed-over" in fence.read_text())
             if done:
                 break
-            assert not (desk_state == "running" and lap_state == "running"), "VM runs twice!"
+            assert not (src_state == "running" and dst_state == "running"), "VM runs twice!"
             if asyncio.get_running_loop().time() > end:
                 tails = "\n".join(f"--- {n}\n" + "\n".join(
                     ln for ln in (d / n).read_text().splitlines()[-25:])
                     for n in ("desk.log.err", "lap.log"))
-                raise AssertionError(f"not settled: desktop {desk_state}, laptop {lap_state}\n"
+                raise AssertionError(f"not settled: {src} {src_state}, {dst} {dst_state}\n"
                                      + tails)
             await asyncio.sleep(0.5)
-        lap_st = await status(d / "lap.sock")
-        shadow_pid = (lap_st.get("shadow") or {}).get("pid")
         # The side that runs keeps counting.
-        log = d / "desk.log" if expect_on == "desk" else d / "lap" / "vm" / "shadow-serial.log"
+        log = logs[expect_on]
         n = len(counters(log))
         await wait_until(lambda: len(counters(log)) >= n + 2, 15, f"the counter on {expect_on}")
-        if expect_on == "lap":
-            before = counters(d / "desk.log")[-1]
-            assert counters(d / "lap" / "vm" / "shadow-serial.log")[0] == before + 1
+        if expect_on == dst:
+            before = counters(logs[src])[-1]
+            assert before + 1 in counters(logs[dst]), (before, counters(logs[dst])[-8:])
         else:
-            assert not (d / "desk" / "vm" / "handed-over.json").exists()
+            assert not fence.exists() or '"handed-over"' not in fence.read_text()
             # Replication of the disk goes on: a new round reaches the (re-opened) copy.
-            gen = (await status(d / "desk.sock"))["disks"][0]["acked_generation"]
+            sock = d / f"{src}.sock"
+            gen = (await status(sock))["disks"][0]["acked_generation"]
 
             async def disk_rounds() -> bool:
-                st = (await status(d / "desk.sock"))["disks"][0]
+                st = (await status(sock))["disks"][0]
                 return st["copy"] == "streaming" and st["acked_generation"] > gen
             await wait_until(disk_rounds, 60, "disk rounds after the rollback")
     finally:
         if source is not None:
             source.stop()
-        if shadow_pid is None:
-            try:
-                shadow_pid = ((await status(d / "lap.sock")).get("shadow") or {}).get("pid")
-            except Exception:
-                pass
         sink.stop()
-        if shadow_pid:
+        # Every QEMU either daemon launched (a VM outlives its daemon by design).
+        for rec in d.glob("*/vm/*.launch.json"):
             try:
-                os.kill(shadow_pid, signal.SIGKILL)
-            except ProcessLookupError:
+                os.kill(int(json.loads(rec.read_text())["pid"]), signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
                 pass
