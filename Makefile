@@ -60,10 +60,10 @@ disks: $(STAMP) guest          # root: a VM with a 4 GiB disk vs QEMU's storage 
 disks-quick: $(STAMP) guest    # root: 256 MiB disk, loopback; ~2 min
 	$(BIN)/python -m bench.disks --quick
 
-cost: $(STAMP) guest           # root: the cost of staying warm (CPU, wire, stream); ~12 min
+cost: $(STAMP) guest           # root: the cost of staying warm (CPU, wire, stream); ~6 min
 	$(BIN)/python -m bench.cost --out bench/RESULTS-cost.md
 
-cost-quick: $(STAMP) guest     # root: 512 MiB guest, 12 s windows; report on stdout; ~6 min
+cost-quick: $(STAMP) guest     # root: 512 MiB guest, 12 s windows; report on stdout; ~4 min
 	$(BIN)/python -m bench.cost --quick
 
 clean:

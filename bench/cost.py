@@ -476,7 +476,7 @@ NOTES = """## Notes
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.cost", description=__doc__.split("\n")[0])
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="512 MiB guest, 12 s windows (~6 min)")
+    g.add_argument("--quick", action="store_true", help="512 MiB guest, 12 s windows (~4 min)")
     g.add_argument("--ci", action="store_true", help="256 MiB guest, 6 s windows (~3 min)")
     ap.add_argument("--out", help="also write the report (markdown) here")
     ap.add_argument("--label", default="", help="tag for headings, e.g. before / after")

@@ -33,10 +33,15 @@ def test_cost_bench_ci_size_reports_the_five_figures(guest, tmp_path):
     for k in KEYS:
         v = head[k]
         assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
-    # Overheads may come out slightly negative when the guest's own QEMU CPU varies between
-    # windows by more than replication adds; bound them by the machine (2 cores = 200 %).
+    # overhead = daemon + (QEMU - baseline QEMU): the QEMU difference is noise-prone (the guest's
+    # own CPU varies a little between windows), so allow a few points below zero; the CPU
+    # figures themselves must be >= 0, and a daemon relaying a dirtying guest does work.
     for k in ("idle_overhead_core_pct", "busy_overhead_core_pct"):
-        assert -50 < head[k] < 400, (k, head[k])
+        assert -5 <= head[k] < 200, (k, head[k])
+    for label in ("idle", "busy"):
+        cpu = head[f"cpu_pct_{label}"]
+        assert all(v >= 0 for v in cpu.values()), cpu
+    assert head["cpu_pct_busy"]["daemon"] > 0
     assert head["wire_bytes_per_dirtied_page"] > 0      # the guest dirtied, pages went out
     assert head["loopback_MBps"] > 0 and head["tls_loopback_MBps"] > 0
     assert head["raw_tcp_MBps"] > 0
