@@ -21,7 +21,7 @@ from .driver import DomainDriver, Region
 
 log = logging.getLogger(__name__)
 
-async def _settle_leftover_migration(proc: QemuProcess, timeout: float = 10.0) -> None:
+async def settle_leftover_migration(proc: QemuProcess, timeout: float = 10.0) -> None:
     """An adopted QEMU may still be in the migration its dead relay held open: wait until QEMU
     notices the closed socket (or cancel it), so that a new session can start a migration."""
     import asyncio
@@ -70,7 +70,7 @@ class QemuDriver(DomainDriver):
                 log.warning("adopted the running QEMU of domain %s (pid %d), launched by an "
                             "earlier run of this daemon", cfg.domain.name, adopted.pid)
                 proc = adopted
-                await _settle_leftover_migration(proc)
+                await settle_leftover_migration(proc)
             else:
                 proc = await QemuProcess.launch(spec, workdir)
         else:
