@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 GUEST   ?= build/guest
 STAMP   := $(VENV)/.installed
 
-.PHONY: test test-fast demo bench bench-quick compare compare-quick busy disks disks-quick cost cost-quick deps venv guest clean
+.PHONY: test test-fast demo bench bench-quick compare compare-quick busy disks disks-quick cost cost-quick roundtrip roundtrip-quick deps venv guest clean
 
 $(STAMP): pyproject.toml
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null \
@@ -65,6 +65,12 @@ cost: $(STAMP) guest           # root: the cost of staying warm (CPU, wire, stre
 
 cost-quick: $(STAMP) guest     # root: 512 MiB guest, 12 s windows; report on stdout; ~4 min
 	$(BIN)/python -m bench.cost --quick
+
+roundtrip: $(STAMP) guest      # root: there and back (60 s away, 2 + 20 MiB/s) vs QEMU back in full; ~15 min
+	$(BIN)/python -m bench.roundtrip --out bench/RESULTS-roundtrip.md
+
+roundtrip-quick: $(STAMP) guest # root: 512 MiB, 20 s away, 2 MiB/s; table on stdout; ~3 min
+	$(BIN)/python -m bench.roundtrip --quick
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
