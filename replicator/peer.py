@@ -167,6 +167,11 @@ class PeerNode:
         from .vmm.qemu import QemuProcess
         shadow = self.sink.switch_handler.shadow if self.sink is not None else None
         if p.decided_by == "committed" and not p.pending and shadow is not None:
+            # The commit is persisted before the shadow resumes: let the switch finish that.
+            for _ in range(600):
+                if shadow.proc is None or shadow.running:
+                    break
+                await asyncio.sleep(0.05)
             if shadow.proc is None:
                 await shadow.recover(True)           # adopts it; resumes a commit cut short
             proc = shadow.take_process()
@@ -177,23 +182,31 @@ class PeerNode:
             return proc
         if p.generation > 0:
             # A switch from here was cut short: its QEMU stays as it is for the source half
-            # to settle (never resumed before the peer said it never committed).
-            return await QemuProcess.adopt(self.cfg.domain.name, self.root)
+            # to settle (never resumed before the peer said it never committed); only the
+            # migration its dead relay held open is ended, so that QEMU can run again.
+            from .source.qemu_driver import settle_leftover_migration
+            proc = await QemuProcess.adopt(self.cfg.domain.name, self.root)
+            if proc is not None:
+                await settle_leftover_migration(proc)
+            return proc
         return None                                  # the home's own VM: launched or attached
 
     async def _become_sink(self, placement: Placement) -> None:
         """The domain was handed over: end the paused VM here, keep its RAM and disks as the
         shadow (re-hashed: the peer sends only what differs)."""
         src, self.source = self.source, None
+        kept = _verified_disks(src) if src is not None else None
         if src is not None:
             await src.stop(leave_domain_running=False)
         self.split_brain = None
-        await self._forget_stale_shadow(placement)
+        await self._forget_stale_shadow(placement, kept)
         await checkpoint("peer-shadow-ready")
 
-    async def _forget_stale_shadow(self, p: Placement) -> None:
+    async def _forget_stale_shadow(self, p: Placement, kept: tuple | None = None) -> None:
         """Make this host's RAM file and disks the shadow of the domain that now runs on the
-        peer, if that was not done yet for this placement generation."""
+        peer, if that was not done yet for this placement generation. ``kept``: the disks as
+        the switch verified them (generation, entries): they count as copies of the peer's,
+        whose QEMU records writes from before it resumed; else they are hashed anew."""
         from .sink.disks import DiskCopies
         from .sink.store import ShadowStore
         state = self.root / "state.json"
@@ -213,6 +226,11 @@ class PeerNode:
             await rec.disks.forget()
         else:
             DiskCopies.forget_files(self.root)
+        if kept is not None:
+            generation, disks = kept
+            DiskCopies.keep_as_copies(self.root, disks, generation)
+            log.info("this host's disks are the peer's copies at generation %d (the switch "
+                     "verified them): the way back sends only blocks written since", generation)
         ShadowStore.forget(self.root, p.generation)
         log.info("this host's RAM image and disks are the shadow now (generation %d); they are "
                  "re-hashed when the peer connects", p.generation)
@@ -377,6 +395,25 @@ class PeerNode:
             out["split_brain"] = self.split_brain
             out["in_sync"] = False
         return out
+
+
+def _verified_disks(src: SourceNode) -> tuple[int, list] | None:
+    """(generation, [(path, format, size, block hashes)]) of this host's disks after a switch
+    that verified them equal on the peer, or None (they are hashed anew then)."""
+    # The switch may still be finishing (its report not yet the last one) when the
+    # placement already says the domain runs on the peer.
+    sw = src.switcher
+    rep, report = src.rep, (sw.current or sw.last) if sw is not None else None
+    disks = getattr(rep, "disks", None)
+    if disks is None or report is None or report.result != "ok" or not report.disks_verified:
+        return None
+    from .wire.blocks import switch_generation
+    configured = src.cfg.domain.qemu.disks
+    entries = []
+    for i, d in enumerate(disks.disks):
+        path = str(configured[i].path) if i < len(configured) else d.info.path
+        entries.append((path, d.info.format, d.info.size, d.shipped.copy()))
+    return switch_generation(report.switch_id) - 1, entries
 
 
 def _when(t: float) -> str:

@@ -127,6 +127,13 @@ class Pair:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 os.kill(int(json.loads(rec.read_text())["pid"]), signal.SIGKILL)
 
+    def swap(self) -> None:
+        """After a switch both ways: the laptop is the source now. Every name here follows the
+        roles ("desktop" = the host that runs the guest before the next switch)."""
+        self.src, self.snk = self.snk, self.src
+        self.desk_log, self.lap_log = self.lap_log, self.desk_log
+        self.disk, self.copy = self.copy, self.disk
+
     def token(self, dm: Daemon) -> str:
         return (dm.state_dir / "api-token").read_text().strip()
 
@@ -233,32 +240,78 @@ async def test_desktop_daemon_killed_at_each_switch_phase(shm_dir, guest, daemon
     pair = Pair(shm_dir, guest, daemons, tracker)
     try:
         await pair.start()
-        # `systemctl restart` (SIGTERM, KillMode=process): the VM goes on, no reboot.
-        before = counters(pair.desk_log)[-1]
-        await _expect_rollback(pair, victim="desktop", hold=None, mode=mode,
-                               sig=signal.SIGTERM)
-        after = counters(pair.desk_log)
-        assert after[after.index(before):] == list(range(before, after[-1] + 1)), \
-            "the desktop VM restarted (or skipped) across a daemon restart"
-        # A watchdog abort (SIGABRT) in steady state.
-        await _expect_rollback(pair, victim="desktop", hold=None, mode=mode,
-                               sig=signal.SIGABRT)
-        for hold in ("source-before-pause", "source-paused", "source-final-delta",
-                     "source-disk-delta", "source-device-sent", "source-committing"):
-            await _expect_rollback(pair, victim="desktop", hold=hold, mode=mode)
-        # Killed after the laptop committed and answered: the laptop runs it, the desktop
-        # learns so from the laptop when it comes back, and never resumes.
-        host = await _crash(pair, victim="desktop", hold="source-committed", mode=mode)
-        assert host == "laptop"
-        await pair.check_guest("laptop")
-        assert same_content(pair.disk, pair.copy), "the laptop runs on a stale disk copy"
-        st = await pair.src.status()
-        assert st["handed_over"] is True and st["domain_state"] != "running", st
+        await _source_killed_at_each_phase(pair, mode)
     except BaseException:
         pair.dump_logs()
         raise
     finally:
         pair.stop()
+
+
+async def way_back(pair: Pair) -> None:
+    """Both ways: switch to the laptop, wait until it streams back, and swap the roles."""
+    code, body = await pair.post_switch("live")
+    assert code == 200 and body["result"] == "ok", body
+    pair.swap()
+    await pair.wait_replicating(180)
+
+
+@pytest.mark.parametrize("tracker,mode", [("qemu-precopy", "live")])
+async def test_laptop_daemon_killed_at_each_phase_of_the_switch_back(shm_dir, guest, daemons,
+                                                                     tracker, mode):
+    """The way home: the laptop runs the guest and streams it back; its daemon is killed at
+    every phase of the switch back."""
+    pair = Pair(shm_dir, guest, daemons, tracker, both_ways=True)
+    try:
+        await pair.start()
+        await way_back(pair)
+        await _source_killed_at_each_phase(pair, mode)
+    except BaseException:
+        pair.dump_logs()
+        raise
+    finally:
+        pair.stop()
+
+
+@pytest.mark.parametrize("tracker,mode", [("scan", "stop")])
+async def test_desktop_daemon_killed_at_each_phase_of_the_switch_back(shm_dir, guest, daemons,
+                                                                      tracker, mode):
+    """The way home, the receiving end: the desktop keeps the shadow; its daemon is killed at
+    every phase of the switch back."""
+    pair = Pair(shm_dir, guest, daemons, tracker, both_ways=True)
+    try:
+        await pair.start()
+        await way_back(pair)
+        await _sink_killed_at_each_phase(pair, mode)
+    except BaseException:
+        pair.dump_logs()
+        raise
+    finally:
+        pair.stop()
+
+
+async def _source_killed_at_each_phase(pair: Pair, mode: str) -> None:
+    # `systemctl restart` (SIGTERM, KillMode=process): the VM goes on, no reboot.
+    before = counters(pair.desk_log)[-1]
+    await _expect_rollback(pair, victim="desktop", hold=None, mode=mode,
+                           sig=signal.SIGTERM)
+    after = counters(pair.desk_log)
+    assert after[after.index(before):] == list(range(before, after[-1] + 1)), \
+        "the desktop VM restarted (or skipped) across a daemon restart"
+    # A watchdog abort (SIGABRT) in steady state.
+    await _expect_rollback(pair, victim="desktop", hold=None, mode=mode,
+                           sig=signal.SIGABRT)
+    for hold in ("source-before-pause", "source-paused", "source-final-delta",
+                 "source-disk-delta", "source-device-sent", "source-committing"):
+        await _expect_rollback(pair, victim="desktop", hold=hold, mode=mode)
+    # Killed after the laptop committed and answered: the laptop runs it, the desktop
+    # learns so from the laptop when it comes back, and never resumes.
+    host = await _crash(pair, victim="desktop", hold="source-committed", mode=mode)
+    assert host == "laptop"
+    await pair.check_guest("laptop")
+    assert same_content(pair.disk, pair.copy), "the laptop runs on a stale disk copy"
+    st = await pair.src.status()
+    assert st["handed_over"] is True and st["domain_state"] != "running", st
 
 
 @pytest.mark.parametrize("tracker,mode", [("scan", "stop"), ("qemu-precopy", "live")])
@@ -267,23 +320,27 @@ async def test_laptop_daemon_killed_at_each_switch_phase(shm_dir, guest, daemons
     pair = Pair(shm_dir, guest, daemons, tracker)
     try:
         await pair.start()
-        await _expect_rollback(pair, victim="laptop", hold=None, mode=mode)
-        for hold in ("source-before-pause", "source-paused", "source-final-delta",
-                     "source-disk-delta", "sink-disks-released", "source-device-sent"):
-            await _expect_rollback(pair, victim="laptop", hold=hold, mode=mode)
-        # Killed after persisting the commit but before resuming the shadow: the restarted
-        # laptop adopts its QEMU and resumes it; the desktop, whose commit answer was lost,
-        # learns it from the laptop.
-        host = await _crash(pair, victim="laptop", hold="sink-commit-persisted", mode=mode)
-        assert host == "laptop"
-        await pair.check_guest("laptop")
-        assert same_content(pair.disk, pair.copy), "the laptop runs on a stale disk copy"
-        await wait_until(lambda: _handed_over(pair), 30, "the desktop to learn the outcome")
+        await _sink_killed_at_each_phase(pair, mode)
     except BaseException:
         pair.dump_logs()
         raise
     finally:
         pair.stop()
+
+
+async def _sink_killed_at_each_phase(pair: Pair, mode: str) -> None:
+    await _expect_rollback(pair, victim="laptop", hold=None, mode=mode)
+    for hold in ("source-before-pause", "source-paused", "source-final-delta",
+                 "source-disk-delta", "sink-disks-released", "source-device-sent"):
+        await _expect_rollback(pair, victim="laptop", hold=hold, mode=mode)
+    # Killed after persisting the commit but before resuming the shadow: the restarted
+    # laptop adopts its QEMU and resumes it; the desktop, whose commit answer was lost,
+    # learns it from the laptop.
+    host = await _crash(pair, victim="laptop", hold="sink-commit-persisted", mode=mode)
+    assert host == "laptop"
+    await pair.check_guest("laptop")
+    assert same_content(pair.disk, pair.copy), "the laptop runs on a stale disk copy"
+    await wait_until(lambda: _handed_over(pair), 30, "the desktop to learn the outcome")
 
 
 async def _handed_over(pair: Pair) -> bool:

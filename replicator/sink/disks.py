@@ -382,6 +382,18 @@ class DiskCopies:
         self.forget_files(self.root)
 
     @staticmethod
+    def keep_as_copies(root: Path, disks: list[tuple[str, str, int, np.ndarray]],
+                       generation: int) -> None:
+        """This host's disks become the copies of the peer's: each (path, format, size,
+        block hashes) is what the switch verified equal on both hosts, so it counts as a copy
+        at ``generation`` (the round before the one the peer records from)."""
+        for i, (path, fmt, size, hashes) in enumerate(disks):
+            atomic_write(root / f"disk{i}.manifest", hashes.astype("<u8").tobytes())
+            atomic_write(root / f"disk{i}.state.json", json.dumps({
+                "generation": generation, "clean": True, "size": size, "path": path,
+                "format": fmt}))
+
+    @staticmethod
     def forget_files(root: Path) -> None:
         for path in list(root.glob("disk*.state.json")) + list(root.glob("disk*.manifest")):
             path.unlink(missing_ok=True)

@@ -122,6 +122,18 @@ class QemuShadow(Shadow):
         if result.status != "paused":
             raise DomainError(f"shadow is {result.status!r} after loading, expected paused")
 
+    async def track_disks(self, generation: int) -> None:
+        """Record the guest's disk writes from before it resumes (a bitmap of
+        ``generation``): the way back then sends only the blocks written since."""
+        if self.proc is None:
+            return
+        from ..vmm.bitmaps import DirtyTracking
+        try:
+            await DirtyTracking(self.proc).add_recording(generation)
+        except QemuError as exc:
+            # Not fatal: the way back then compares every block (sending only differences).
+            log.warning("could not start disk write tracking before resuming: %s", exc)
+
     async def run(self) -> float:
         if self.proc is None:
             raise DomainError("shadow QEMU is not running")

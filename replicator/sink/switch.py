@@ -18,6 +18,7 @@ from ..errors import ReplicatorError
 from ..faults import checkpoint
 from ..link import Link
 from ..wire import messages as m
+from ..wire.blocks import switch_generation
 from .receiver import SinkReceiver
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class Shadow(abc.ABC):
     @abc.abstractmethod
     async def run(self) -> float:
         """Resume the shadow; returns the wall-clock time it started running."""
+
+    async def track_disks(self, generation: int) -> None:
+        """Record the disks' writes from before the shadow resumes (by default: no disks)."""
 
     @abc.abstractmethod
     async def abort(self) -> None:
@@ -168,6 +172,9 @@ class SinkSwitch:
                 store.set_handed_over(True, generation=self.receiver.peer_generation + 1)
                 self.committed = True
                 await checkpoint("sink-commit-persisted")
+                if self.receiver.disks.opened:
+                    # The way back: the disks' writes are recorded from before the guest runs.
+                    await self.shadow.track_disks(switch_generation(self.switch_id))
                 resumed_at = await self.shadow.run()
                 self.receiver.metrics.handed_over.set(1)
                 self.last_result = {"switch_id": self.switch_id, "result": "ok",

@@ -211,6 +211,19 @@ class DirtyTracking:
                 action["data"]["persistent"] = False
                 await self.proc.execute("block-dirty-bitmap-add", action["data"])
 
+    async def add_recording(self, generation: int) -> None:
+        """Start a recording bitmap of ``generation`` on every disk, whatever bitmaps of ours
+        are there already (a later :meth:`recover` merges them all): persistent on qcow2."""
+        for disk in await self.disks():
+            action = self._add(disk.node, generation, disk.format == "qcow2", None)
+            try:
+                await self.proc.execute("block-dirty-bitmap-add", action["data"])
+            except QemuError as exc:
+                if not action["data"]["persistent"] or "qcow2 v2" not in _desc(exc):
+                    raise
+                action["data"]["persistent"] = False
+                await self.proc.execute("block-dirty-bitmap-add", action["data"])
+
     async def rotate(self) -> int:
         """Freeze the recording bitmap of every disk and start the next, atomically; older
         unacknowledged rounds are merged into the frozen one. Returns the frozen generation."""

@@ -27,6 +27,15 @@ MAX_DISK_BYTES = BLOCK_SIZE * (1 << 32)
 _hash = xxhash.xxh3_64_intdigest
 
 
+def switch_generation(switch_id: str) -> int:
+    """The disk-round generation a switch starts on the host that takes the domain: both
+    hosts derive it from the switch's ID. The new host's QEMU records writes into a bitmap of
+    this generation from before the guest resumes; the old host's disk, verified equal at the
+    switch, counts as a copy at the generation before it. A range of its own (2**41 and up):
+    never one a fresh lineage (1..2**40) starts at."""
+    return (1 << 41) + int(switch_id[:10] or "0", 16) % (1 << 40)
+
+
 def block_count(size: int) -> int:
     """Blocks covering a disk of ``size`` bytes (the last one may be partial)."""
     return -(-size // BLOCK_SIZE)
