@@ -1,13 +1,26 @@
 """Every Prometheus metric replicator exports, defined in one place.
 
 Each daemon owns a :class:`Metrics` with its own registry, so two daemons in one process (tests,
-the demo) do not collide. Names carry the ``replicator_`` prefix and base units (bytes, seconds).
+the demo) do not collide. Names carry the ``replicator_`` prefix and base units (bytes, seconds),
+except the daemon's own process figures, which keep the names every exporter uses
+(``process_cpu_seconds_total``, ...); its QEMU's are ``replicator_qemu_process_*``.
+
+:class:`CpuUse` reads a process's CPU from ``/proc`` for the status API (the cost of staying
+warm, as a share of one core).
 """
 
 from __future__ import annotations
 
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
-                               generate_latest)
+                               ProcessCollector, generate_latest)
+from prometheus_client.metrics_core import Metric
 
 from . import __version__
 
@@ -25,6 +38,11 @@ class Metrics:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.build_info = Info("replicator_build", "Build information.", registry=r)
         self.build_info.info({"version": __version__, "role": role, "domain": domain})
+        # The daemon's own CPU, memory and fds (a private registry lacks the default ones), and
+        # those of the QEMU it drives once watch_qemu() says which.
+        ProcessCollector(registry=r)
+        self._qemu_pid: Callable[[], int | None] = lambda: None
+        _QemuProcessCollector(lambda: self._qemu_pid(), r)
 
         # Lag (source view; the sink exports what it knows of it).
         self.lag_bytes = Gauge("replicator_lag_bytes",
@@ -153,5 +171,84 @@ class Metrics:
         for reason in UNAUTHENTICATED_REFUSALS:
             self.unauthenticated_refused.labels(reason)
 
+    def watch_qemu(self, pid: Callable[[], int | None]) -> None:
+        """Export ``replicator_qemu_process_*`` (CPU, memory, fds) of the QEMU whose pid
+        ``pid()`` gives at each scrape: the domain's on the source, the shadow on the sink.
+        No series while it gives None."""
+        self._qemu_pid = pid
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _QemuProcessCollector(ProcessCollector):
+    """prometheus_client's process figures for another process, found anew at each scrape."""
+
+    def __init__(self, pid: Callable[[], int | None], registry: CollectorRegistry):
+        self._find_pid = pid
+        self._scraped: int | None = None
+        super().__init__(namespace="replicator_qemu", pid=lambda: str(self._scraped),
+                         registry=registry)
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            self._scraped = self._find_pid()
+        except Exception:                       # a status that cannot answer: no series
+            self._scraped = None
+        return super().collect() if self._scraped else []
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> tuple[float, float, int] | None:
+    """(CPU seconds of all its threads, user + system; seconds since it started; its start
+    time in clock ticks since boot) of ``pid`` from /proc, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    start = int(fields[19])
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - start / _TICKS
+    return (int(fields[11]) + int(fields[12])) / _TICKS, age, start
+
+
+class CpuUse:
+    """The share of one core processes used lately, from /proc samples taken when asked.
+
+    No thread or timer: each :meth:`read` samples the process and compares with the oldest
+    sample it kept within the last ``window`` seconds, if that is at least ``min_span`` old;
+    otherwise (first read, process new) with the process's start.
+    """
+
+    def __init__(self, window: float = 10.0, min_span: float = 1.0):
+        self.window = window
+        self.min_span = min_span
+        # (pid, start ticks) -> (monotonic, cpu seconds) samples, oldest first.
+        self._samples: dict[tuple[int, int], deque[tuple[float, float]]] = {}
+
+    def read(self, pid: int) -> dict[str, Any] | None:
+        """``{"pid", "cpu_seconds", "percent", "over_seconds"}`` (``percent``: of one core,
+        over the last ``over_seconds``), or None when the process is gone."""
+        got = process_cpu(pid)
+        if got is None:
+            return None
+        cpu, age, start = got
+        now = time.monotonic()
+        for key in [k for k, q in self._samples.items() if q[-1][0] < now - 6 * self.window]:
+            del self._samples[key]               # processes nobody asked about lately
+        kept = self._samples.setdefault((pid, start), deque())
+        while len(kept) >= 2 and kept[1][0] <= now - self.window:
+            kept.popleft()
+        if kept and now - kept[0][0] >= self.min_span:
+            span, used = now - kept[0][0], cpu - kept[0][1]
+        else:
+            span, used = age, cpu
+        if not kept or now - kept[-1][0] >= self.min_span / 2:
+            kept.append((now, cpu))
+        return {"pid": pid, "cpu_seconds": round(cpu, 2),
+                "percent": round(100 * used / span, 1) if span > 0 else 0.0,
+                "over_seconds": round(span, 1)}

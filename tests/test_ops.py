@@ -48,6 +48,8 @@ MiB = 1024 * 1024
 # Disk metrics have series only where a domain has disks: the file-domain pair below has none,
 # so panels and rules on them are run against a real QEMU pair with a disk instead.
 DISK_METRIC = "replicator_disk_"
+# Likewise the QEMU's process figures: a file domain has no QEMU.
+QEMU_METRIC = "replicator_qemu_"
 
 # What the dashboard's Grafana variables become when the queries run here (scrape every 1s).
 BUILTIN_VARS = {"__rate_interval": "5s", "__interval": "2s", "__range": "1m",
@@ -170,6 +172,14 @@ async def test_promtool_check_metrics_on_live_scrape(shm_dir, workload, pair_fac
                                'replicator_switch_downtime_seconds_bucket{le="+Inf",mode="live"} 1.0',
                                'replicator_sent_bytes_total{kind="wire"}'):
                     assert needle in text, f"{needle} not in the source's /metrics"
+            # The daemon's own process (both daemons run in this one); no QEMU here.
+            for needle in ("\nprocess_cpu_seconds_total ", "\nprocess_resident_memory_bytes ",
+                           "\nprocess_open_fds "):
+                assert needle in text, f"{needle.strip()} not in the {role}'s /metrics"
+            assert QEMU_METRIC not in text, text
+            st = await http_get(url + "/api/v1/status")
+            assert st["cpu"]["daemon"]["pid"] == os.getpid(), st["cpu"]
+            assert st["cpu"]["daemon"]["cpu_seconds"] > 0 and "qemu" not in st["cpu"], st["cpu"]
             rc, out, err = await run(promtool, "check", "metrics", stdin=body)
             assert (rc, out, err) == (0, "", ""), \
                 f"promtool check metrics on the {role}'s /metrics:\n{out}{err}"
@@ -254,7 +264,8 @@ def test_dashboard_is_importable_and_provisionable():
                    "replicator_pages_sent_total", "replicator_round_duration_seconds_bucket",
                    "replicator_disk_lag_bytes", "replicator_disk_lag_blocks",
                    "replicator_disk_lag_seconds", "replicator_disk_sent_bytes_total",
-                   "replicator_disk_written_bytes_total", "replicator_disk_size_bytes"):
+                   "replicator_disk_written_bytes_total", "replicator_disk_size_bytes",
+                   "process_cpu_seconds_total", "replicator_qemu_process_cpu_seconds_total"):
         assert metric in exprs, f"no panel shows {metric}"
     # Provisioning examples point at this dashboard's datasource type and a dashboards folder.
     dsy = (GRAFANA / "provisioning" / "datasource.yaml").read_text()
@@ -442,8 +453,8 @@ async def test_prometheus_runs_every_dashboard_and_alert_query(shm_dir, workload
             # Every dashboard query returns series, and its legend's labels exist on them.
             checked_panels = []
             for panel, t in dashboard_targets(dash):
-                if DISK_METRIC in t["expr"]:
-                    continue            # no disks here: see test_disk_metrics_...
+                if DISK_METRIC in t["expr"] or QEMU_METRIC in t["expr"]:
+                    continue            # no disks, no QEMU here: see test_disk_metrics_...
                 expr = substitute(t["expr"], variables)
                 res = await prom.query(expr, at=t_end)
                 assert res, f"panel {panel['title']!r} {t['refId']}: no series for {expr}"
@@ -549,6 +560,9 @@ async def test_disk_metrics_panels_alert_and_cli_on_a_qemu_disk_pair(shm_dir, gu
                               'replicator_disk_lag_seconds{disk="0"}'],
                    "sink": ['replicator_disk_written_bytes_total{disk="0"}']}
         for role, url in urls.items():
+            # Each daemon's QEMU: the guest's on the source, the shadow on the sink.
+            needles[role] += ["\nreplicator_qemu_process_cpu_seconds_total ",
+                              "\nreplicator_qemu_process_resident_memory_bytes "]
             body = await http_get(url + "/metrics")
             for needle in needles[role]:
                 assert needle in body.decode(), f"{needle} not in the {role}'s /metrics"
@@ -599,6 +613,22 @@ async def test_disk_metrics_panels_alert_and_cli_on_a_qemu_disk_pair(shm_dir, gu
                     assert float(res[0]["value"][1]) == DISK
                 if panel["title"] == "Disk throughput: raw vs wire":
                     assert sorted(s["metric"]["kind"] for s in res) == ["raw", "wire"], res
+
+            # The QEMUs' CPU: the guest's QEMU on the source and the shadow on the sink.
+            qemu_targets = [(p, t) for p, t in dashboard_targets(dash) if QEMU_METRIC in t["expr"]]
+            assert [p["title"] for p, _ in qemu_targets] == ["CPU: daemons and their QEMUs"]
+            for panel, t in qemu_targets:
+                expr = substitute(t["expr"], variables)
+
+                async def both_roles(expr=expr):
+                    res = await prom.query(expr)
+                    return res if sorted(s["metric"]["role"] for s in res) == ["sink", "source"] \
+                        else None
+                res = await prom.wait(f"{expr} for both roles", both_roles)
+                for s in res:
+                    assert float(s["value"][1]) >= 0 and s["metric"]["domain"] == "vm", s
+                    for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", t["legendFormat"]):
+                        assert label in s["metric"], (panel["title"], label, s)
 
             # The disk alert's signal has the disk's series; a pair keeping up does not fire.
             data = await http_get(prom.base + "/api/v1/rules")

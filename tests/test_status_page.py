@@ -302,6 +302,11 @@ async def test_page_shows_live_replication_and_switch_now_moves_the_domain(
         assert len(set(samples)) > 1, f"the numbers never changed: {samples}"
         st = pair.source.status()
         assert st["peer"]["connected"]
+        # This daemon's own CPU (the pair runs in this process); a file domain has no QEMU.
+        cpu = await browser.text("#cpu")
+        assert re.fullmatch(r"daemon \d+\.\d % of a core", cpu), cpu
+        assert float(await browser.attr("#cpu", "data-daemon")) >= 0
+        assert await browser.attr("#cpu", "data-qemu") == ""
 
         # The switch panel: live by default, token field empty, button ready.
         assert await browser.displayed("#switch-button")
@@ -520,6 +525,20 @@ async def _cell(browser: Browser, row: str, cls: str) -> tuple[str, str | None]:
     return (await browser.text(css)).strip(), await browser.attr(css, "data-value")
 
 
+async def expect_cpu(browser: Browser, css: str, qemu_pid: int) -> None:
+    """The page shows the daemon's CPU and that of the QEMU ``qemu_pid`` (a shadow started
+    per precopy session may be new: wait for the page to show it)."""
+    await eventually(lambda: browser.js(
+        "return document.querySelector(arguments[0]).title.endsWith(arguments[1])",
+        css, f"QEMU pid {qemu_pid}"), f"{css} shows QEMU pid {qemu_pid}")
+    cpu = await browser.text(css)
+    assert re.fullmatch(r"daemon \d+\.\d % · QEMU \d+\.\d % of a core", cpu), cpu
+    assert float(await browser.attr(css, "data-daemon")) >= 0
+    assert float(await browser.attr(css, "data-qemu")) >= 0
+    title = await browser.attr(css, "title")
+    assert re.fullmatch(rf"CPU time over the last \d+ s; QEMU pid {qemu_pid}", title), title
+
+
 @pytest.mark.qemu
 async def test_page_shows_each_disk_and_the_switch_disk_figures(shm_dir, guest, browser):
     """A real QEMU guest with a qcow2 disk: the source's page has a row with the disk's
@@ -555,6 +574,8 @@ async def test_page_shows_each_disk_and_the_switch_disk_figures(shm_dir, guest, 
                                      ".map((th) => th.textContent)")
             assert heads == ["Disk", "Path", "Format", "Size", "Copy", "Lag", "Blocks",
                              "Behind", "Sent (wire)"], heads
+            # The cost of staying warm: the daemon's CPU and its guest's QEMU's.
+            await expect_cpu(browser, "#cpu", source.driver.proc.pid)
             assert await browser.script_errors() == []
 
         async with api(sink, token) as url:
@@ -567,6 +588,7 @@ async def test_page_shows_each_disk_and_the_switch_disk_figures(shm_dir, guest, 
             assert generation == raw_gen and int(generation) >= 1, generation
             written, raw_written = await _cell(browser, ROW0, "disk-written")
             assert BYTES.match(written) and int(raw_written) >= 8 * MiB, (written, raw_written)
+            await expect_cpu(browser, "#sink-cpu", sink.status()["shadow"]["pid"])
             assert await browser.script_errors() == []
 
         async with api(source, token) as url:

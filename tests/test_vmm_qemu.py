@@ -60,9 +60,11 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import struct
 import subprocess
 import time
@@ -70,6 +72,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from qemu.qmp import message as qmp_message
 
 from replicator.errors import DomainError, QemuError
 from replicator.vmm import (
@@ -664,3 +667,92 @@ async def test_device_state_caps_constant_matches_qemu(qemu_bin, tmp_path, ramdi
     assert set(DEVICE_STATE_CAPABILITIES) <= known
     assert await vm.set_migrate_capabilities(DEVICE_STATE_CAPABILITIES) == dict(DEVICE_STATE_CAPABILITIES)
     assert await vm.shared_ram_backends() == {"ram0": str(ramdir / "caps.ram")}
+
+
+@pytest.mark.qemu
+async def test_held_open_precopy_sends_no_event_per_dirty_sync(qemu_bin, tmp_path, ramdir, vms,
+                                                                tick_guest):
+    """Held open, the precopy re-syncs QEMU's dirty bitmap hundreds of times a second. With the
+    ``events`` capability off none of those syncs becomes a QMP event (``MIGRATION_PASS``, and
+    the ``MIGRATION`` state changes) the daemon has to parse; the shadow's incoming side keeps
+    ``events`` on (its few state changes wake the switch's wait for ``completed``)."""
+    need_qemu(qemu_bin)
+    src = await start_tick_source(vms, tmp_path, ramdir, tick_guest, ticks=3)
+    loop = asyncio.get_running_loop()
+    sock_path = tmp_path / "precopy.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    listener.listen(1)
+    listener.setblocking(False)
+    mark = src.event_mark()
+    await src.start_precopy(f"unix:{sock_path}")
+    conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 30)
+    listener.close()
+    conn.setblocking(False)
+
+    async def drain() -> None:             # a destination that reads and never acknowledges
+        while await loop.sock_recv(conn, 1 << 20):
+            pass
+
+    drainer = asyncio.create_task(drain())
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            info = await src.query_migrate()
+            syncs = int(info.get("ram", {}).get("dirty-sync-count") or 0)
+            if syncs >= 50:
+                break
+            assert info["status"] in ("setup", "active") and time.monotonic() < deadline, info
+            await asyncio.sleep(0.05)
+        caps = {c["capability"]: c["state"]
+                for c in await src.execute("query-migrate-capabilities")}
+        assert (caps["events"], caps["switchover-ack"], caps["return-path"]) == \
+            (False, True, True)
+        names = [e.name for e in src.events if e.seq > mark]
+        assert "MIGRATION_PASS" not in names and "MIGRATION" not in names, \
+            f"{syncs} dirty syncs, events: {names.count('MIGRATION_PASS')} MIGRATION_PASS, " \
+            f"{names.count('MIGRATION')} MIGRATION"
+        await src.execute("migrate_cancel")
+    finally:
+        drainer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await drainer
+        conn.close()
+
+    shadow = await launch(vms, make_spec("shadow", ramdir, tmp_path), tmp_path, incoming="defer")
+    await shadow.start_precopy_incoming(f"unix:{tmp_path / 'incoming.sock'}")
+    caps = {c["capability"]: c["state"]
+            for c in await shadow.execute("query-migrate-capabilities")}
+    assert (caps["events"], caps["switchover-ack"], caps["return-path"]) == (True, True, True)
+
+
+@pytest.mark.qemu
+async def test_qmp_messages_are_formatted_only_for_an_enabled_debug_log(qemu_bin, tmp_path,
+                                                                        ramdir, vms, caplog,
+                                                                        monkeypatch):
+    """qemu.qmp's hooks log every message with an eager ``str(msg)`` (an indented json.dumps);
+    ours format one only when the debug log is on, and then log the same lines."""
+    need_qemu(qemu_bin)
+    formatted: list[str] = []
+    real_str = qmp_message.Message.__str__
+
+    def counting_str(msg: qmp_message.Message) -> str:
+        formatted.append(real_str(msg))
+        return formatted[-1]
+
+    monkeypatch.setattr(qmp_message.Message, "__str__", counting_str)
+    vm = await launch(vms, make_spec("quiet", ramdir, tmp_path), tmp_path, paused=True)
+    caplog.set_level(logging.INFO, logger="qemu.qmp")
+    formatted.clear()
+    for _ in range(20):
+        assert await vm.status() == "prelaunch"
+    assert formatted == []
+
+    caplog.set_level(logging.DEBUG, logger="qemu.qmp")
+    caplog.clear()
+    assert await vm.status() == "prelaunch"
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("qemu.qmp")]
+    sent = [ln for ln in lines if ln.startswith("--> ")]
+    got = [ln for ln in lines if ln.startswith("<-- ")]
+    assert len(sent) == 1 and '"execute": "query-status"' in sent[0], lines
+    assert len(got) == 1 and '"status": "prelaunch"' in got[0], lines

@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 from aiohttp import web
 
 from ..errors import ConfigError, ReplicatorError, SwitchError, SwitchInProgress
+from ..metrics import CpuUse
 from . import security
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,23 @@ async def _switch_body(request: web.Request) -> dict | str:
     return body
 
 
+def qemu_pid(status: dict) -> int | None:
+    """The pid of the QEMU a node drives, from its status: the domain's on the source, the
+    shadow's on the sink; None for a file domain or before the shadow started."""
+    pid = status.get("qemu_pid")
+    if pid is None:
+        shadow = status.get("shadow")
+        pid = shadow.get("pid") if isinstance(shadow, dict) else None
+    return pid if isinstance(pid, int) and pid > 0 else None
+
+
 def make_app(node: Node, token: str, token_file: str | None = None, *,
              listen: str = "127.0.0.1:0", allowed_hosts: Iterable[str] = ()) -> web.Application:
     hosts = security.HostCheck(listen, allowed_hosts)
+    cpu = CpuUse()
+    watch_qemu = getattr(getattr(node, "metrics", None), "watch_qemu", None)
+    if watch_qemu is not None:
+        watch_qemu(lambda: qemu_pid(node.status()))
     sessions = security.Sessions(token)
     refused_hosts: set[str] = set()            # log each refused name once, not per request
     page = STATIC / "index.html"
@@ -167,6 +182,11 @@ def make_app(node: Node, token: str, token_file: str | None = None, *,
         st["api"] = {"session": sessions.valid(request.cookies.get(sessions.cookie_name))}
         if token_file:
             st["api"]["token_file"] = token_file
+        # What staying warm costs here: this daemon's CPU and its QEMU's, % of one core.
+        st["cpu"] = {"daemon": cpu.read(os.getpid())}
+        pid = qemu_pid(st)
+        if pid is not None:
+            st["cpu"]["qemu"] = cpu.read(pid)
         probe = getattr(node, "domain_state", None)
         if probe is not None:
             try:

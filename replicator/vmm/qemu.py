@@ -30,13 +30,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import ExecuteError, QMPError
 
 from replicator.errors import QemuError
 from replicator.vmm.host_process import HostProcess, clear_stale_socket, socket_peer_pid
 from replicator.vmm.launch_record import LaunchRecord
 from replicator.vmm.migration import DeviceStateLoad, DeviceStateSave, QemuMigration
-from replicator.vmm.qmp_events import QmpCommandError, QmpEvent, QmpEventLog
+from replicator.vmm.qmp_events import QmpCommandError, QmpEvent, QmpEventLog, QuietQMPClient
 from replicator.vmm.spec import VmSpec, build_argv
 
 __all__ = ["QemuProcess"]
@@ -63,7 +63,7 @@ class QemuProcess:
         self._origin = origin
         self.host = HostProcess(self.name, proc, pid)
         """The OS process: pid, exit status, stderr file, launch record."""
-        self._qmp = QMPClient(spec.name if spec else "replicator")
+        self._qmp = QuietQMPClient(spec.name if spec else "replicator")
         self._event_log = QmpEventLog(self._qmp)
         self.migration = QemuMigration(self)
         """Migration operations (also offered as methods of this class, by the same names)."""

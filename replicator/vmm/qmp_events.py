@@ -6,7 +6,8 @@
   ``STOP`` to the shadow's ``RESUME``;
 * :class:`QmpEventLog`: receives every event of one ``qemu.qmp`` client, keeps the latest, and
   wakes whoever waits for one by name (:meth:`QemuProcess.wait_event
-  <replicator.vmm.qemu.QemuProcess.wait_event>` is built on it).
+  <replicator.vmm.qemu.QemuProcess.wait_event>` is built on it);
+* :class:`QuietQMPClient`: the ``qemu.qmp`` client, minus its per-message formatting cost.
 """
 
 from __future__ import annotations
@@ -22,7 +23,26 @@ from qemu.qmp import EventListener, QMPClient
 
 from replicator.errors import QemuError
 
-__all__ = ["QmpCommandError", "QmpEvent", "QmpEventLog"]
+__all__ = ["QmpCommandError", "QmpEvent", "QmpEventLog", "QuietQMPClient"]
+
+
+class QuietQMPClient(QMPClient):
+    """A ``QMPClient`` that formats a message for its debug log only when that log is on.
+
+    qemu.qmp 0.0.6's ``_cb_inbound``/``_cb_outbound`` hooks call ``str(msg)`` (an indented
+    ``json.dumps``) for every message before handing it to ``logger.debug``, even with DEBUG
+    off: a daemon taking hundreds of events a second spent ~14% of its CPU there
+    (bench/RESULTS-cost.md). Passing
+    the message itself lets ``logging`` format it only when the record is emitted.
+    """
+
+    def _cb_outbound(self, msg: Any) -> Any:
+        self.logger.debug("--> %s", msg)
+        return msg
+
+    def _cb_inbound(self, msg: Any) -> Any:
+        self.logger.debug("<-- %s", msg)
+        return msg
 
 
 class QmpCommandError(QemuError):
