@@ -63,6 +63,15 @@ def _human_bytes(n: float) -> str:
 def format_status(st: dict) -> str:
     """One-screen human view of /api/v1/status."""
     lines = [f"{st.get('role', '?')} {st.get('node', '')}  domain {st.get('domain', '')}"]
+    place = st.get("placement")
+    if place:
+        where = "runs HERE" if place.get("here") else "runs on the peer"
+        pending = f", switch {place['pending']}" if place.get("pending") else ""
+        lines.append(f"  domain    {where} (generation {place.get('generation', 0)}"
+                     f"{', started by hand' if place.get('forced') else ''}{pending}); "
+                     f"{'both ways' if st.get('two_way') else 'one way'}")
+    if st.get("split_brain"):
+        lines.append(f"  {st['split_brain']['message']}")
     peer = st.get("peer") or {}
     state = "connected" if peer.get("connected") else f"DISCONNECTED {peer.get('error', '')}"
     lines.append(f"  peer      {peer.get('node') or peer.get('address', '')}: {state}")

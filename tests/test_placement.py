@@ -80,3 +80,16 @@ def test_switch_generations_are_shared_and_apart_from_fresh_lineages():
     assert a == b and a >= 1 << 41
     assert switch_generation("ffffffffffff") < (1 << 41) + (1 << 40)
     assert switch_generation("0123456789ab") != switch_generation("1123456789ab")
+
+
+def test_status_says_where_the_domain_runs_and_a_split_brain():
+    from replicator.cli import format_status
+    st = {"role": "sink", "node": "desktop", "domain": "vm", "two_way": True,
+          "placement": {"here": False, "generation": 3, "pending": "", "forced": False},
+          "peer": {"node": "laptop", "connected": True}, "acked_epoch": 9, "ram_bytes": 1 << 30}
+    text = format_status(st)
+    assert "runs on the peer (generation 3); both ways" in text
+    st.update(role="source", placement={"here": True, "generation": 4, "forced": True},
+              split_brain={"message": "SPLIT BRAIN: domain vm runs on both hosts."})
+    text = format_status(st)
+    assert "runs HERE (generation 4, started by hand)" in text and "SPLIT BRAIN" in text
