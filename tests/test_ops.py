@@ -962,6 +962,8 @@ def test_example_configs_load_and_fit_the_unit():
     assert desktop.domain.qemu.qmp_socket is not None and not desktop.domain.qemu.launch
     # The link: the desktop connects to the port the laptop listens on.
     assert desktop.peer.address.rsplit(":", 1)[1] == laptop.peer.listen.rsplit(":", 1)[1]
+    # ... and back: both ways, the round trip.
+    assert laptop.peer.address.rsplit(":", 1)[1] == desktop.peer.listen.rsplit(":", 1)[1]
     assert not desktop.peer.insecure_plaintext and not laptop.peer.insecure_plaintext
     # Paths the unit provides: StateDirectory=replicator, ConfigurationDirectory=replicator.
     for cfg in (desktop, laptop):
