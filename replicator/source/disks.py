@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..config import Config
-from ..errors import PeerError, PeerRejected, ProtocolError, QemuError
+from ..errors import PeerError, ProtocolError, QemuError
 from ..link import Link
 from ..metrics import Metrics
 from ..vmm.bitmaps import DirtyTracking, start_nbd_server
@@ -44,6 +44,7 @@ from ..wire.blocks import (BLOCK_SIZE, MAX_BATCH_BLOCKS, MAX_DISK_BYTES, ZERO_BL
                            block_count, digest, encode_blocks, hash_blocks)
 from ..wire.codec import encode
 from ..wire.pages import Compressor
+from .manifests import receive_manifests
 
 log = logging.getLogger(__name__)
 
@@ -200,28 +201,15 @@ class DiskReplicator:
             return
         await self._activate()
         await link.send(m.DiskOpen(self.describe()))
-        manifests = [np.empty(d.nblocks, dtype=np.uint64) for d in self.disks]
-        filled = [0] * len(self.disks)
-        while True:
-            msg = await asyncio.wait_for(link.recv(), timeout)
-            if isinstance(msg, m.DiskOpened):
-                break
-            if isinstance(msg, m.Reject):
-                raise PeerRejected(msg.reason)
-            if isinstance(msg, m.ErrorMessage):
-                raise PeerError(f"sink reported: {msg.message}")
-            if not isinstance(msg, m.DiskManifest) or not 0 <= msg.disk < len(self.disks):
-                raise ProtocolError(f"unexpected {type(msg).__name__} while opening the disks")
-            arr = np.frombuffer(msg.hashes, dtype="<u8")
-            target = manifests[msg.disk]
-            if msg.first_block < 0 or msg.first_block + len(arr) > len(target):
-                raise ProtocolError("disk manifest chunk beyond the disk")
-            target[msg.first_block:msg.first_block + len(arr)] = arr
-            filled[msg.disk] += len(arr)
-        if len(msg.generations) != len(self.disks) or filled != [d.nblocks for d in self.disks]:
+        manifests = {i: np.empty(d.nblocks, dtype=np.uint64) for i, d in enumerate(self.disks)}
+        msg = await receive_manifests(
+            link, manifests, m.DiskOpened,
+            lambda c: (c.disk, c.first_block, c.hashes) if isinstance(c, m.DiskManifest) else None,
+            timeout, "disk manifests")
+        if len(msg.generations) != len(self.disks):
             raise ProtocolError("the sink sent incomplete disk manifests")
         current = await self._recording_generation()
-        for d, manifest, gen in zip(self.disks, manifests, msg.generations):
+        for d, manifest, gen in zip(self.disks, manifests.values(), msg.generations):
             d.shipped = manifest
             d.info.acked_generation = gen
             # Only what changed since generation ``gen`` needs sending, if the bitmaps hold
