@@ -45,6 +45,7 @@ class SourceNode:
         self._paused = False
 
     async def start(self) -> None:
+        from .source.converge import Throttle
         from .source.driver import FileDriver
         from .source.sender import SourceReplicator
         from .source.switch import HandoverState, Switcher
@@ -61,29 +62,31 @@ class SourceNode:
                 self.driver = await QemuDriver.create(cfg)
         regions = await self.driver.regions()
         disks = None
+        throttle = None
         if cfg.domain.driver == "qemu":
             from .source import disks as source_disks
             from .wire.pages import Compressor
             disks = await source_disks.create(
                 cfg, self.driver, self.metrics,
                 Compressor(cfg.stream.compression, cfg.stream.zstd_level))
+            throttle = Throttle(self.driver.proc, cfg.switch)
         state = HandoverState(Path(cfg.node.state_dir) / cfg.domain.name / "handed-over.json",
                               self.generation)
-        switcher_cls: type = Switcher
         if cfg.domain.tracker == "qemu-precopy":
             if cfg.domain.driver != "qemu":
                 raise ConfigError("the qemu-precopy tracker needs driver = \"qemu\"",
                                   path=cfg.source_path, key="domain.tracker")
-            from .source.precopy import PrecopyReplicator, PrecopySwitcher
-            self.rep = PrecopyReplicator(cfg, self.driver, regions, self.metrics, disks=disks)
-            switcher_cls = PrecopySwitcher
+            from .source.precopy import PrecopyStream
+            self.rep = SourceReplicator(cfg, self.driver, regions, metrics=self.metrics,
+                                        disks=disks,
+                                        stream=lambda rep: PrecopyStream(rep, throttle))
         else:
             self.rep = SourceReplicator(cfg, self.driver, regions, ScanTracker(regions),
                                         self.metrics, disks=disks)
         self.rep.generation = self.generation
-        self.switcher = switcher_cls(self.rep, self.driver, state,
-                                     target_downtime=cfg.switch.target_downtime,
-                                     step_timeout=cfg.switch.step_timeout)
+        self.switcher = Switcher(self.rep, self.driver, state, throttle=throttle,
+                                 target_downtime=cfg.switch.target_downtime,
+                                 step_timeout=cfg.switch.step_timeout)
         if self.switcher.interrupted:
             # Killed mid-switch before the commit: this host still owns the domain.
             await self.switcher.settle_interrupted()

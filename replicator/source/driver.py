@@ -38,9 +38,6 @@ class Region:
 class DomainDriver(abc.ABC):
     """The source's handle on a domain."""
 
-    #: True when the domain carries device state that must move at switch time.
-    has_device_state: bool = False
-
     @abc.abstractmethod
     async def regions(self) -> list[Region]:
         """RAM regions, in a stable order."""

@@ -21,10 +21,6 @@ from ..config import PAGE_SIZE
 from ..wire.pages import ZERO_HASH
 from .driver import Region
 
-#: A hash no page content has (in practice): pages the sink holds in an unknown state.
-UNKNOWN_HASH = np.uint64(0)
-
-
 class RegionLedger:
     def __init__(self, region: Region):
         self.region = region
@@ -91,7 +87,6 @@ class Ledger:
     acked_epoch: int = 0
     sent_epoch: int = 0
     last_round_seconds: float = 0.0
-    last_round_dirty: int = 0
 
     def __post_init__(self) -> None:
         self.dirty_rate = _Rate()
@@ -144,7 +139,6 @@ class Ledger:
         if not self._baseline_epoch:
             self._baseline_epoch = epoch
         self.last_round_seconds = duration
-        self.last_round_dirty = n
         if self._baseline_round:
             # The first round after (re)connecting finds everything the sink lacks, which says
             # nothing about how fast the guest dirties memory.

@@ -46,8 +46,6 @@ async def settle_leftover_migration(proc: QemuProcess, timeout: float = 10.0) ->
 
 
 class QemuDriver(DomainDriver):
-    has_device_state = True
-
     def __init__(self, cfg: Config, proc: QemuProcess, ram_path: Path, ram_size: int):
         self.cfg = cfg
         self.proc = proc

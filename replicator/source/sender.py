@@ -1,16 +1,10 @@
-"""The source side of the stream: connect, learn what the sink has, then stream rounds.
+"""The source side of the stream: connect, learn what the sink has, then stream.
 
 One :class:`SourceReplicator` per domain. It keeps a connection to the sink (reconnecting with
-backoff), and on each connection runs three tasks:
-
-* the **scanner** asks the tracker for a round at an adaptive interval (sooner when the guest is
-  busy) and queues it; the queue holds one round, so a slow link slows scanning (backpressure);
-* the **sender** turns a round into page batches — reading each page at send time so a page
-  dirtied twice goes once with its newest content — and ends it with ``EpochEnd``; it keeps at
-  most ``max_inflight_epochs`` unacknowledged;
-* the **receiver** takes acknowledgements and answers, and notices a silent peer.
-
-:meth:`sync` runs one round now and waits until the sink made it durable; the switch uses it.
+backoff); on each connection it authenticates, exchanges the RAM manifests (and the disks'),
+then runs the domain's tracker :class:`~replicator.source.stream.Stream` (scan rounds or the
+held-open QEMU migration), the disks, a **receiver** that takes acknowledgements and answers
+and notices a silent peer, and a pinger.
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,13 +23,13 @@ from ..errors import PeerError, PeerRejected, ProtocolError, ReplicatorError
 from ..identity import authenticate_to_server, identity_for, pinned_peer
 from ..link import Link, RateLimiter
 from ..metrics import Metrics
-from ..pagefile import read_pages
 from ..wire import messages as m
 from ..wire.codec import encode
-from ..wire.pages import Compressor, encode_batch, hash_pages
 from .driver import DomainDriver, Region
-from .ledger import Ledger
-from .tracker import DirtyTracker, Round
+from .ledger import LagSnapshot, Ledger
+from .scan import ScanStream
+from .stream import Stream
+from .tracker import DirtyTracker
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +37,21 @@ PING_INTERVAL = 1.0
 
 
 class SourceReplicator:
-    """Continuously replicate a domain's RAM to the sink."""
+    """Continuously replicate a domain's RAM to the sink.
+
+    ``tracker``: the scan tracker's rounds (a :class:`ScanStream` streams them); or ``stream``:
+    builds the domain's :class:`Stream` for this replicator (the qemu-precopy relay).
+    """
 
     def __init__(self, cfg: Config, driver: DomainDriver, regions: list[Region],
-                 tracker: DirtyTracker, metrics: Metrics | None = None,
-                 connect: Callable[[], Any] | None = None, disks: Any = None):
+                 tracker: DirtyTracker | None = None, metrics: Metrics | None = None,
+                 connect: Callable[[], Any] | None = None, disks: Any = None, *,
+                 stream: Callable[[SourceReplicator], Stream] | None = None):
         self.cfg = cfg
         #: The domain's disks (:class:`~replicator.source.disks.DiskReplicator`), or None.
         self.disks = disks
         self.driver = driver
         self.regions = regions
-        self.tracker = tracker
         self.metrics = metrics or Metrics("source", cfg.domain.name)
         self.ledger = Ledger.for_regions(regions)
         self.limiter = RateLimiter(cfg.stream.bandwidth_limit)
@@ -71,28 +68,30 @@ class SourceReplicator:
         self.identity = identity_for(cfg)
         self._pinned = pinned_peer(cfg) if self.identity is not None else ""
         self._ssl = self.identity.client_context() if self.identity is not None else None
-        self._compressor = Compressor(cfg.stream.compression, cfg.stream.zstd_level)
-        self._fds = {r.name: os.open(r.path, os.O_RDONLY | os.O_CLOEXEC) for r in regions}
-        self._buf = bytearray(cfg.stream.batch_pages * PAGE_SIZE)
-        self._queue: asyncio.Queue[tuple[int, Round]] = asyncio.Queue(maxsize=1)
-        self._round_lock = asyncio.Lock()
-        self._wake = asyncio.Event()
-        self._acked = asyncio.Condition()
-        self._next_epoch = 1
         # Answers to requests (switch steps, verify): bounded, a peer cannot flood us.
         self._responses: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
-        self._scanning = asyncio.Event()
-        self._scanning.set()
-        self._drained = asyncio.Event()          # no round queued or being sent
-        self._drained.set()
         self._session_tasks: list[asyncio.Task] = []
-        self._last_round: Round | None = None
         self._ping_sent: dict[int, float] = {}
         self.rtt = 0.0
         self.sessions = 0
         self._urgent = False
         self._retry_now = asyncio.Event()
         self.metrics.ram_bytes.set(sum(r.size for r in regions))
+        if stream is None:
+            if tracker is None:
+                raise TypeError("SourceReplicator needs a tracker or a stream")
+            self.stream: Stream = ScanStream(self, tracker)
+        else:
+            self.stream = stream(self)
+
+    def __getattr__(self, name: str) -> Any:
+        # What only one tracker has (the scan stream's sync, verify and wait_acked; the relay's
+        # figures: qemu_info, pacing, session_no, ...) reads through to the stream. Only called
+        # for names the replicator itself lacks.
+        stream = self.__dict__.get("stream")
+        if stream is None or name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(stream, name)
 
     # --- connection management -----------------------------------------------------------------
 
@@ -185,12 +184,7 @@ class SourceReplicator:
         self._session_tasks.clear()
         self.link = None
         await link.close()
-        # Whatever was queued or in flight is re-derived from the sink's manifest next time.
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._drained.set()
-        async with self._acked:
-            self._acked.notify_all()
+        await self.stream.session_ended()
 
     async def _handshake(self, link: Link) -> None:
         if self.identity is not None:
@@ -235,7 +229,6 @@ class SourceReplicator:
             if filled[r.name] != r.npages:
                 raise ProtocolError(f"sink sent an incomplete manifest for {r.name!r}")
         self.ledger.reset_to_sink(manifests, reply.acked_epoch)
-        self._next_epoch = reply.acked_epoch + 1
         self.metrics.acked_epoch.set(reply.acked_epoch)
 
     async def _open_session(self, link: Link) -> None:
@@ -257,138 +250,21 @@ class SourceReplicator:
 
     async def _session(self, link: Link) -> None:
         await self._open_session(link)
-        log.info("replicating %s to %s (sink %s, acked epoch %d)", self.cfg.domain.name,
-                 link.peer, self.sink_node, self.ledger.acked_epoch)
         self._session_tasks = [
-            asyncio.create_task(self._scan_loop(), name="scanner"),
-            asyncio.create_task(self._send_loop(link), name="sender"),
             asyncio.create_task(self._recv_loop(link), name="receiver"),
             asyncio.create_task(self._ping_loop(link), name="pinger"),
-        ] + self._disk_tasks(link)
-        await self._run_tasks()
+        ]
+        try:
+            self._session_tasks += await self.stream.start(link)
+            self._session_tasks += self._disk_tasks(link)
+            await self._run_tasks()
+        finally:
+            await self.stream.stop()
 
     def _disk_tasks(self, link: Link) -> list[asyncio.Task]:
         if self.disks is None:
             return []
         return [asyncio.create_task(self.disks.run(link), name="disks")]
-
-    # --- scanning ----------------------------------------------------------------------------
-
-    async def _scan_loop(self) -> None:
-        s = self.cfg.stream
-        interval = s.scan_interval_min
-        while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval)
-            self._wake.clear()
-            await self._scanning.wait()
-            # A new round while the last one's pages are still going out would only re-read
-            # RAM to find pages already queued: wait until the sender caught up.
-            await self._drained.wait()
-            _, rnd = await self._round()
-            # Busy guest: scan again soon; quiet guest: back off (scans cost CPU).
-            interval = s.scan_interval_min if rnd.pages else min(interval * 1.5,
-                                                                 s.scan_interval_max)
-            # A Linux guest always dirties a few pages, so the back-off above rarely engages:
-            # rest long enough that scanning uses at most scan_max_duty of a core.
-            interval = max(interval, rnd.duration * (1 / s.scan_max_duty - 1))
-
-    async def _round(self) -> tuple[int, Round]:
-        async with self._round_lock:
-            rnd = await self.tracker.round(self.ledger)
-            epoch = self._next_epoch
-            self._next_epoch += 1
-            prev = self._last_round
-            interval = (rnd.started - prev.started) if prev else rnd.duration
-            self.ledger.add_round(epoch, rnd.started, rnd.duration, rnd.dirty, interval)
-            self._last_round = rnd
-            self.metrics.round_seconds.observe(rnd.duration)
-            if rnd.pages:
-                self._drained.clear()
-            await self._queue.put((epoch, rnd))
-            return epoch, rnd
-
-    async def pause_scanning(self) -> None:
-        """Stop the periodic scanner (rounds still run through :meth:`sync`) and wait until a
-        round it already started is queued, so that scan is not paid while the VM is paused."""
-        self._scanning.clear()
-        async with self._round_lock:
-            pass
-
-    def resume_scanning(self) -> None:
-        self._scanning.set()
-
-    async def sync(self, timeout: float | None = None) -> Round:
-        """Run one round now and wait until the sink acknowledged it (and everything before)."""
-        if not self.connected.is_set():
-            raise PeerError(f"not connected to the sink ({self.last_error or 'connecting'})")
-        epoch, rnd = await self._round()
-        await self.wait_acked(epoch, timeout)
-        return rnd
-
-    async def wait_acked(self, epoch: int, timeout: float | None = None) -> None:
-        async def waiter() -> None:
-            async with self._acked:
-                while self.ledger.acked_epoch < epoch:
-                    if not self.connected.is_set():
-                        raise PeerError("link to the sink lost while waiting for an ack")
-                    await self._acked.wait()
-        await asyncio.wait_for(waiter(), timeout)
-
-    # --- sending -------------------------------------------------------------------------------
-
-    def _prepare(self, region: str, idx: np.ndarray, epoch: int) -> tuple[bytes, Any] | None:
-        """Read, hash, drop unchanged pages, encode. Runs in a worker thread."""
-        rl = self.ledger.regions[region]
-        mv = read_pages(self._fds[region], idx, self._buf)
-        hashes = hash_pages(mv, len(idx))
-        changed = hashes != rl.shipped[idx]
-        if not changed.any():
-            return None
-        if not changed.all():
-            arr = np.frombuffer(self._buf, dtype=np.uint8,
-                                count=len(idx) * PAGE_SIZE).reshape(len(idx), PAGE_SIZE)
-            sel = np.flatnonzero(changed)
-            arr[:len(sel)] = arr[sel]         # compact in place, order preserved
-            idx, hashes = idx[sel], hashes[sel]
-            mv = memoryview(self._buf)[:len(idx) * PAGE_SIZE]
-        enc = encode_batch(epoch, region, idx, mv, hashes, self._compressor)
-        rl.shipped[idx] = hashes
-        return encode(enc.message), enc
-
-    async def _send_loop(self, link: Link) -> None:
-        batch = self.cfg.stream.batch_pages
-        max_inflight = self.cfg.stream.max_inflight_epochs
-        while True:
-            epoch, rnd = await self._queue.get()
-            for region, idx in rnd.dirty.items():
-                for i in range(0, len(idx), batch):
-                    sub = self.ledger.take_pending(region, idx[i:i + batch])
-                    if not len(sub):
-                        continue
-                    out = await asyncio.to_thread(self._prepare, region, sub, epoch)
-                    if out is None:
-                        continue
-                    frame, enc = out
-                    t0 = time.monotonic()
-                    await link.send_frame(frame)
-                    self._account(enc, len(frame), time.monotonic() - t0)
-            await link.send(m.EpochEnd(epoch))
-            self.ledger.epoch_sent(epoch)
-            if self._queue.empty():
-                self._drained.set()
-            async with self._acked:
-                while self.ledger.unacked_epochs() >= max_inflight:
-                    await self._acked.wait()
-
-    def _account(self, enc: Any, wire: int, busy: float) -> None:
-        self.ledger.record_sent(enc.raw_bytes, wire, busy)
-        mt = self.metrics
-        mt.sent_bytes.labels("raw").inc(enc.raw_bytes)
-        mt.sent_bytes.labels("wire").inc(wire)
-        mt.pages_sent.labels("zero").inc(enc.zero_pages)
-        kind = "raw" if enc.message.codec == "none" else "compressed"
-        mt.pages_sent.labels(kind).inc(enc.data_pages)
 
     # --- receiving -----------------------------------------------------------------------------
 
@@ -401,7 +277,7 @@ class SourceReplicator:
             if isinstance(msg, m.DiskAck) and self.disks is not None:
                 await self.disks.on_ack(msg.generation)
                 continue
-            if await self._on_message(msg):
+            if await self.stream.on_message(msg):
                 continue
             if isinstance(msg, m.Pong):
                 sent = self._ping_sent.pop(msg.nonce, None)
@@ -415,16 +291,6 @@ class SourceReplicator:
                 except asyncio.QueueFull:
                     raise ProtocolError("the sink sent more answers than were asked for") \
                         from None
-
-    async def _on_message(self, msg: Any) -> bool:
-        """Tracker-specific messages from the sink; True when handled."""
-        if isinstance(msg, m.Ack):
-            async with self._acked:
-                self.ledger.acked(msg.epoch)
-                self._acked.notify_all()
-            self.metrics.acked_epoch.set(msg.epoch)
-            return True
-        return False
 
     async def _ping_loop(self, link: Link) -> None:
         nonce = 0
@@ -463,25 +329,11 @@ class SourceReplicator:
                 log.debug("ignoring unexpected %s", type(msg).__name__)
         return await asyncio.wait_for(get(), timeout)
 
-    async def verify(self, timeout: float = 30.0) -> bool:
-        """Full-manifest comparison: does the sink hold exactly what the guest RAM holds now?
-
-        Runs a round (so the sink gets anything still different), then compares the digest of
-        the current page hashes with the digest of the sink's manifest.
-        """
-        rnd = await self.sync(timeout)
-        if rnd.pages:
-            rnd = await self.sync(timeout)
-        nonce = int(time.monotonic() * 1e6)
-        reply = await self.request(m.VerifyRequest(nonce), m.VerifyReply, timeout)
-        ours = tuple(rnd.digests[r.name] for r in self.regions)
-        return rnd.pages == 0 and reply.digests == ours
-
     # --- status --------------------------------------------------------------------------------
 
-    def lag_snapshot(self) -> Any:
-        """Lag as status and metrics show it; nothing is "in sync" without a live session."""
-        return self.ledger.snapshot(streaming=self.connected.is_set())
+    def lag_snapshot(self) -> LagSnapshot:
+        """Lag as status and metrics show it, as the tracker's stream sees it."""
+        return self.stream.lag_snapshot()
 
     def publish(self) -> None:
         """Refresh lag gauges from the ledger (called periodically)."""
@@ -494,6 +346,7 @@ class SourceReplicator:
         mt.throughput.set(snap.throughput)
         mt.switch_estimate.set(snap.switch_estimate + self.disk_estimate())
         mt.in_sync.set(1 if snap.in_sync and self.disks_in_sync() else 0)
+        self.stream.publish()
 
     def disk_estimate(self) -> float:
         """What the disks add to a switch started now: their unsent bytes on the link (a
@@ -509,10 +362,7 @@ class SourceReplicator:
         return self.connected.is_set() and self.disks.in_sync()
 
     async def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        await self.tracker.close()
+        await self.stream.close()
 
 
 def _pack_vm(desc: dict | None) -> bytes:

@@ -14,6 +14,10 @@ Protocol (the sink's half is ``replicator.sink.switch``)::
     commit    SwitchCommit -> ok                   sink persisted "running here", then cont
     fence     handed_over persisted here           this host never resumes the domain itself
 
+What moves the memory (catch-up to device state) is the tracker's: the domain's
+:class:`~replicator.source.stream.Stream` runs it (``hand_over``) with the steps this class
+offers, and undoes it on a rollback (``roll_back``).
+
 Any failure before ``SwitchCommit`` is sent resumes the domain here (rollback) and tells the sink
 to abort. Once the commit is sent and its answer lost, *this side cannot know* whether the
 sink runs the domain, so it stays paused and asks the sink when the link is back (the sink's
@@ -31,7 +35,6 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import PAGE_SIZE
 from ..errors import HandedOver, PeerError, ReplicatorError, SwitchError, SwitchInProgress
 from ..durable import atomic_write
 from ..faults import checkpoint
@@ -41,9 +44,6 @@ from .driver import DomainDriver
 from .sender import SourceReplicator
 
 log = logging.getLogger(__name__)
-
-DEVICE_CHUNK = 1 << 20
-CATCHUP_MAX_ROUNDS = 20
 
 
 @dataclass
@@ -79,7 +79,7 @@ class SwitchReport:
 
 
 @dataclass
-class _Progress:
+class SwitchProgress:
     """How far a switch got: decides between rollback and "outcome unknown"."""
     t_request: float
     t_pause: float = 0.0
@@ -115,27 +115,24 @@ class HandoverState:
 
 
 class Switcher:
-    """Runs switches for one :class:`SourceReplicator`; one at a time."""
+    """Runs switches for one :class:`SourceReplicator`; one at a time.
+
+    ``throttle``: QEMU's guest throttling (QEMU domains only; the qemu-precopy stream arms the
+    same one with each held-open migration).
+    """
 
     def __init__(self, rep: SourceReplicator, driver: DomainDriver, state: HandoverState,
-                 *, target_downtime: float = 0.05, step_timeout: float = 60.0):
+                 *, throttle: Throttle | None = None, target_downtime: float = 0.05,
+                 step_timeout: float = 60.0):
         self.rep = rep
         self.driver = driver
         self.state = state
+        self.throttle = throttle
         self.target_downtime = target_downtime
         self.step_timeout = step_timeout
         self.current: SwitchReport | None = None
         self.last: SwitchReport | None = None
         self._lock = asyncio.Lock()
-        # The precopy replicator owns one (armed with each held-open migration); else ours.
-        proc = getattr(driver, "proc", None)
-        self._throttle = getattr(rep, "throttle", None) or (
-            Throttle(proc, rep.cfg.switch) if proc is not None else None)
-
-    @property
-    def throttle(self) -> Throttle | None:
-        """QEMU's guest throttling (QEMU domains only)."""
-        return self._throttle
 
     @property
     def handed_over(self) -> bool:
@@ -203,24 +200,38 @@ class Switcher:
             mt.handed_over.set(1)
             return report
 
-    async def _step(self, report: SwitchReport, msg: object, step: str) -> m.SwitchResult:
-        """Send one step's message and wait for the sink's verdict on it."""
+    # --- the steps a tracker's hand-over uses ----------------------------------------------------
+
+    async def step(self, report: SwitchReport, msg: object,
+                   answer: str | None) -> m.SwitchResult | None:
+        """Send one step's message and wait for the sink's verdict on step ``answer``; None:
+        the answer comes in a later step (the precopy release)."""
+        if answer is None:
+            await self._step_nowait(msg)
+            return None
         link = self.rep.link
         if link is None:
-            raise PeerError(f"link to the sink lost before {step}")
+            raise PeerError(f"link to the sink lost before {answer}")
         await link.send(msg)
-        return await self._expect(report, step)
+        return await self._expect(report, answer)
 
-    async def _expect_within(self, report: SwitchReport, step: str,
-                             timeout: float) -> m.SwitchResult:
-        """:meth:`_expect`, waiting up to ``timeout`` (in whole steps) rather than one step."""
-        end = time.monotonic() + timeout
+    async def expect(self, report: SwitchReport, step: str,
+                     within: float | None = None) -> m.SwitchResult:
+        """The sink's verdict on ``step``, waiting one step, or up to ``within`` seconds (in
+        whole steps)."""
+        end = time.monotonic() + (within or 0)
         while True:
             try:
                 return await self._expect(report, step)
             except asyncio.TimeoutError:
                 if time.monotonic() >= end:
                     raise
+
+    async def _step_nowait(self, msg: object) -> None:
+        link = self.rep.link
+        if link is None:
+            raise PeerError("link to the sink lost")
+        await link.send(msg)
 
     async def _expect(self, report: SwitchReport, step: str) -> m.SwitchResult:
         while True:
@@ -240,7 +251,7 @@ class Switcher:
 
     async def _run(self, report: SwitchReport) -> None:
         rep = self.rep
-        ctx = _Progress(t_request=time.monotonic())
+        ctx = SwitchProgress(t_request=time.monotonic())
         log.info("switch %s (%s mode) to %s: preparing", report.switch_id, report.mode,
                  rep.sink_node)
         try:
@@ -255,8 +266,8 @@ class Switcher:
                              "was_running": await self.driver.is_running()})
             if rep.disks is not None and (why := rep.disks.ready()):
                 raise SwitchError(f"not ready: {why}")
-            await self._step(report, m.SwitchPrepare(report.switch_id, report.mode), "prepare")
-            await self._hand_over_memory(report, ctx)
+            await self.step(report, m.SwitchPrepare(report.switch_id, report.mode), "prepare")
+            await rep.stream.hand_over(self, report, ctx)
             await self._commit(report, ctx)
             if self.throttle is not None:
                 # The guest is paused for good; leave its QEMU as it was. Past the commit no
@@ -273,7 +284,7 @@ class Switcher:
                 asyncio.get_running_loop().create_task(self._resolve_after_reconnect(report))
                 raise SwitchError(f"commit outcome unknown ({reason}); domain paused here "
                                   "until the sink is reachable", rolled_back=False) from None
-            await self._rollback(report, ctx.paused, reason)
+            await rep.stream.roll_back(self, report, ctx.paused, reason)
             if rep.disks is not None:
                 rep.disks.release()
             if self.interrupted:
@@ -281,80 +292,9 @@ class Switcher:
             raise SwitchError(f"switch failed at {report.phase}: {reason}; the domain runs "
                               "here again", rolled_back=True) from None
         finally:
-            rep.resume_scanning()
+            rep.stream.switch_ended()
 
-    async def _hand_over_memory(self, report: SwitchReport, ctx: "_Progress") -> None:
-        """Scan tracker: catch up, pause, final delta, verify, device state."""
-        rep = self.rep
-        await self.driver.prepare_switch()
-        # Catch up while running (live).
-        await rep.pause_scanning()
-        report.path = "stopped"
-        if report.mode == "live":
-            report.phase = "catch-up"
-            dl = self._deadlines(report)
-            throttled = False
-            for _ in range(CATCHUP_MAX_ROUNDS):
-                left = ctx.t_request + (dl.stop if throttled else dl.live) - time.monotonic()
-                if left <= 0:
-                    if throttled or not await self._escalate(report, migrating=False):
-                        log.warning("switch %s: no convergence within %.1f s; stop mode",
-                                    report.switch_id, time.monotonic() - ctx.t_request)
-                        break
-                    throttled = True
-                    continue
-                try:
-                    rnd = await rep.sync(left)
-                except asyncio.TimeoutError:
-                    continue                  # the deadline passed during this round
-                report.catchup_rounds += 1
-                snap = rep.ledger.snapshot()
-                link = self._link_rate()
-                # The next round finds what the guest dirtied since this one scanned, which a
-                # round behind a backlog (its pages counted once, sent late) understates.
-                since = time.monotonic() - rnd.started
-                behind = max(rnd.pages * PAGE_SIZE, snap.dirty_rate * since)
-                predicted = snap.round_seconds + behind * snap.wire_ratio / link
-                log.info("switch %s: catch-up round %d found %d pages; predicted final "
-                         "delta %.1f ms", report.switch_id, report.catchup_rounds,
-                         rnd.pages, predicted * 1000)
-                if predicted <= self.target_downtime + snap.round_seconds:
-                    report.path = "throttled" if throttled else "live"
-                    break
-        await self._catch_up_disks(report)
-        await checkpoint("source-before-pause")
-        report.phase = "pause"
-        ctx.t_pause = time.monotonic()
-        ctx.wall_pause = time.time()
-        await self.driver.pause()
-        ctx.paused = True
-        await checkpoint("source-paused")
-        report.phase = "final-delta"
-        # Paused, the guest dirties nothing more: what is left takes its time on the link.
-        rnd = await rep.sync(self._drain_timeout(rep.lag_snapshot().lag_bytes))
-        report.final_delta_pages = rnd.pages
-        report.final_delta_bytes = rnd.pages * PAGE_SIZE
-        await checkpoint("source-final-delta")
-        report.phase = "verify"
-        digests = tuple(rnd.digests[r.name] for r in rep.regions)
-        await self._step(report, m.SwitchVerify(report.switch_id, rep.ledger.acked_epoch,
-                                                digests), "verify")
-        report.shadow_verified = True
-        await self._hand_over_disks(report)
-        report.phase = "device-state"
-        data = await self.driver.save_device_state()
-        report.device_state_bytes = len(data)
-        link = rep.link
-        if link is None:
-            raise PeerError("link lost before the device state was sent")
-        for off in range(0, max(len(data), 1), DEVICE_CHUNK):
-            chunk = data[off:off + DEVICE_CHUNK]
-            await link.send(m.DeviceState(report.switch_id, off, chunk,
-                                          off + DEVICE_CHUNK >= len(data)))
-        await self._expect(report, "device")
-        await checkpoint("source-device-sent")
-
-    async def _catch_up_disks(self, report: SwitchReport) -> None:
+    async def catch_up_disks(self, report: SwitchReport) -> None:
         """Before the pause: disk rounds back to back, so that the paused one carries only
         the writes since the last (live mode: one acknowledged round first, while the guest
         runs, so that a backlog is not paid for in the downtime)."""
@@ -367,9 +307,9 @@ class Switcher:
             if link is None:
                 raise PeerError("link to the sink lost before the disk catch-up")
             report.phase = "disk-catch-up"
-            await disks.sync(link, self._drain_timeout(disks.lag_bytes))
+            await disks.sync(link, self.drain_timeout(disks.lag_bytes))
 
-    async def _hand_over_disks(self, report: SwitchReport) -> None:
+    async def hand_over_disks(self, report: SwitchReport) -> None:
         """Guest paused (its writes drained): the last disk round, acknowledged; our exports
         removed (QEMU must not inactivate an exported disk); then the sink compares each copy's
         digest with ours and stops writing its copies, so the shadow can open them."""
@@ -382,34 +322,41 @@ class Switcher:
             raise PeerError("link to the sink lost before the last disk round")
         disks.hold()
         report.disk_final_delta_bytes = await disks.sync(
-            link, self._drain_timeout(disks.lag_bytes), paused=True)
+            link, self.drain_timeout(disks.lag_bytes), paused=True)
         await checkpoint("source-disk-delta")
         await disks.quiesce()
         report.phase = "disk-verify"
-        await self._step(report, m.SwitchDisks(report.switch_id, disks.digests()), "disks")
+        await self.step(report, m.SwitchDisks(report.switch_id, disks.digests()), "disks")
         report.disks_verified = True
 
-    def _deadlines(self, report: SwitchReport) -> Deadlines:
+    async def pause_guest(self, progress: SwitchProgress) -> None:
+        """Pause the guest: the downtime starts now."""
+        progress.t_pause = time.monotonic()
+        progress.wall_pause = time.time()
+        await self.driver.pause()
+        progress.paused = True
+
+    def deadlines_for(self, report: SwitchReport) -> Deadlines:
         """This live switch's deadlines, from the estimate when it was requested."""
         dl = deadlines(self.rep.cfg.switch, self.rep.lag_snapshot().switch_estimate)
         report.live_deadline_s, report.stop_deadline_s = dl.live, dl.stop
         return dl
 
-    def _link_rate(self) -> float:
+    def link_rate(self) -> float:
         """Bytes/s the link carries now: the best seen, or the configured cap if lower."""
         rate = self.rep.ledger.link_rate or 100e6
         cap = self.rep.limiter.rate
         return min(rate, cap) if cap else rate
 
-    def _drain_timeout(self, remaining: int) -> float:
+    def drain_timeout(self, remaining: int) -> float:
         """Longest wait for a paused guest's last pages: one step plus twice their link time."""
-        return self.step_timeout + 2 * remaining / self._link_rate()
+        return self.step_timeout + 2 * remaining / self.link_rate()
 
-    async def _escalate(self, report: SwitchReport, migrating: bool) -> bool:
+    async def escalate(self, report: SwitchReport, migrating: bool) -> bool:
         """Past the live deadline: QEMU throttles the guest, if it can here."""
         used = "none"
         if self.throttle is not None:
-            used = await self.throttle.engage(self._link_rate(), migrating)
+            used = await self.throttle.engage(self.link_rate(), migrating)
         report.throttle = used
         log.warning("switch %s: not converged by its live deadline (%.1f s); %s",
                     report.switch_id, report.live_deadline_s or 0,
@@ -417,7 +364,7 @@ class Switcher:
                     "no throttle here, stop mode")
         return used != "none"
 
-    async def _commit(self, report: SwitchReport, ctx: "_Progress") -> None:
+    async def _commit(self, report: SwitchReport, ctx: SwitchProgress) -> None:
         """Point of no return: from here on this side never resumes on its own."""
         rep = self.rep
         report.phase = "commit"
@@ -425,7 +372,7 @@ class Switcher:
                          "state": "committing", "at": time.time()})
         ctx.committed_sent = True
         await checkpoint("source-committing")
-        reply = await self._step(report, m.SwitchCommit(report.switch_id), "commit")
+        reply = await self.step(report, m.SwitchCommit(report.switch_id), "commit")
         await checkpoint("source-committed")
         t_running = time.monotonic()
         self.state.save({"switch_id": report.switch_id, "peer": rep.sink_node,
@@ -444,20 +391,14 @@ class Switcher:
                  "%.1f ms, final delta %d pages", report.switch_id, rep.sink_node,
                  report.downtime_ms, report.time_to_switch_ms, report.final_delta_pages)
 
-    async def _rollback(self, report: SwitchReport, paused: bool, reason: str) -> None:
+    async def abort(self, report: SwitchReport, reason: str) -> None:
+        """A rollback's first step: tell the sink (best effort: the link may be gone)."""
         log.warning("switch %s failed at %s: %s; rolling back", report.switch_id, report.phase,
                     reason)
         link = self.rep.link
         if link is not None:
-            try:
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(link.send(m.SwitchAbort(report.switch_id, reason)), 2)
-            except (ReplicatorError, asyncio.TimeoutError, OSError):
-                pass
-        if paused:
-            await self.driver.resume()
-            log.info("switch %s: domain resumed here", report.switch_id)
-        if self.throttle is not None:
-            await self.throttle.undo()
 
     @property
     def pending_commit(self) -> dict | None:

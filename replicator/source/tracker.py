@@ -2,8 +2,8 @@
 
 A tracker produces *rounds*; each round is an epoch of the stream. :class:`ScanTracker` works for
 any VMM whose guest RAM is a readable file: it hashes every page (xxh3-64, see ``pagefile``)
-and compares with what the sink holds. A tracker fed by the hypervisor (QEMU's dirty log) implements the same interface and
-simply returns the indices it was told about.
+and compares with what the sink holds. The scan stream (``scan.py``) sends its rounds. QEMU's own
+dirty log is not a tracker of rounds: the ``qemu-precopy`` stream (``precopy.py``) relays it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from ..config import PAGE_SIZE
 from ..pagefile import CHUNK_PAGES, digest_hashes, hash_file
 from .driver import Region
 from .ledger import Ledger
-
 
 
 @dataclass(frozen=True, slots=True)
