@@ -84,6 +84,7 @@ class SourceNode:
             self.rep = SourceReplicator(cfg, self.driver, regions, ScanTracker(regions),
                                         self.metrics, disks=disks)
         self.rep.generation = self.generation
+        self.rep.on_switch_request = self._switch_requested
         self.switcher = Switcher(self.rep, self.driver, state, throttle=throttle,
                                  target_downtime=cfg.switch.target_downtime,
                                  step_timeout=cfg.switch.step_timeout)
@@ -184,6 +185,17 @@ class SourceNode:
             return await proc.status()
         return "running" if await self.driver.is_running() else "paused"
 
+    def _switch_requested(self, mode: str) -> None:
+        """The sink asked for the switch ("switch now" pressed there): start it here."""
+        async def run() -> None:
+            try:
+                await self.switch(mode)
+            except ReplicatorError as exc:
+                log.warning("the switch the sink asked for did not happen: %s", exc)
+        task = asyncio.create_task(run(), name="requested-switch")
+        task.add_done_callback(_log_crash)
+        self._requested = task                      # keep a reference while it runs
+
     async def switch(self, mode: str) -> dict:
         if self._paused:
             raise ReplicatorError("replication is paused (replicator resume first)")
@@ -217,6 +229,7 @@ class SinkNode:
         self.receiver: Any = None
         self.domain_here: Any = None             # set by a PeerNode before start()
         self.placement: Any = None
+        self.settle: Any = None
         self.switch_handler: Any = None
         self.address: tuple[str, int] | None = None
 
@@ -232,6 +245,7 @@ class SinkNode:
         if getattr(self, "domain_here", None) is not None:
             self.receiver.domain_here = self.domain_here
             self.receiver.placement = self.placement
+            self.receiver.settle = self.settle
         if self.cfg.domain.driver == "qemu":
             from .sink.qemu_shadow import QemuShadow
             shadow: Any = QemuShadow(self.cfg, self.receiver)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import HandedOver, ReplicatorError
+from .errors import HandedOver, ReplicatorError, SwitchError
 from .faults import checkpoint
 from .metrics import Metrics
 from .node import SinkNode, SourceNode, _log_crash
@@ -72,7 +72,10 @@ class PeerNode:
         if self.can_receive:
             self.sink = SinkNode(self.cfg, metrics=self.metrics)
             self.sink.domain_here = lambda: self.placement.here or self._turning
-            self.sink.placement = lambda: (self.placement.generation,
+            self.sink.settle = self._settled
+            # While turning around it still answers "runs here", at the generation it ran
+            # at: the peer (one generation on) sees a hand-over in progress, not a split brain.
+            self.sink.placement = lambda: (self.placement.generation - int(self._turning),
                                            self.placement.running_since, self.placement.forced)
             unknown = self.placement.decided_by == "unknown"
             await self.sink.start(domain_here=None if unknown else self.placement.here)
@@ -133,6 +136,13 @@ class PeerNode:
                         self._turning = False
                 self.placement = placement
                 self._check_split_brain()
+
+    async def _settled(self) -> None:
+        """Until the node finished turning around (bounded: a peer waits for the answer)."""
+        for _ in range(200):
+            if not self._turning:
+                return
+            await asyncio.sleep(0.05)
 
     async def _become_source(self) -> None:
         """The domain runs here: hand its QEMU to the source half and stream to the peer."""
@@ -339,12 +349,45 @@ class PeerNode:
     # --- what the API calls ----------------------------------------------------------------
 
     async def switch(self, mode: str) -> dict:
-        if self.source is None:
-            raise HandedOver("the domain runs on the peer: press switch there (its page, "
-                             "`replicator switch` or its API)")
+        """"Switch now", pressed on either host: here the domain moves to the peer; on the
+        host that keeps the shadow, the peer is asked to move it here."""
         if self.split_brain is not None:
             raise ReplicatorError(self.split_brain["message"])
-        return await self.source.switch(mode)
+        if self.source is not None:
+            return await self.source.switch(mode)
+        if self.sink is None or self.placement.here:
+            raise HandedOver("no switch from here: this host neither runs the domain nor "
+                             "keeps its shadow")
+        return await self._pull(mode)
+
+    async def _pull(self, mode: str) -> dict:
+        """Ask the peer to switch the domain here and wait for the outcome: the commit (the
+        domain runs here) or the switch given up (it runs on there still)."""
+        sink = self.sink
+        assert sink is not None
+        handler, rec = sink.switch_handler, sink.receiver
+        aborts, before = handler.aborts, handler.switch_id
+        t0 = time.monotonic()
+        await rec.request_switch(mode)
+        started = False
+        while True:
+            await asyncio.sleep(0.05)
+            store = rec.store
+            if store is not None and store.handed_over and handler.committed:
+                result = dict(handler.last_result or {})
+                result.update(mode=mode, requested_here=True, peer=rec.source_node,
+                              time_to_switch_ms=(time.monotonic() - t0) * 1000)
+                return result
+            started = started or (handler.switch_id not in ("", before))
+            if handler.aborts > aborts:
+                raise SwitchError(f"the switch from {rec.source_node} was rolled back; the "
+                                  "domain runs there still (see its log)", rolled_back=True)
+            if not started and time.monotonic() - t0 > 2 * self.cfg.peer.timeout:
+                raise SwitchError(f"{rec.source_node} did not start the switch (not ready? "
+                                  "see its status and log)", rolled_back=True)
+            if started and not rec.connected.is_set() and not handler.committed:
+                raise SwitchError(f"the link to {rec.source_node} was lost during the switch; "
+                                  "the domain runs where its status says", rolled_back=False)
 
     async def pause_replication(self) -> dict:
         if self.source is None:

@@ -82,6 +82,7 @@ SAMPLES: dict[type, list] = {
     m.SwitchResult: [m.SwitchResult("sw-1", "commit", True, "", 1712345678.25),
                      m.SwitchResult("sw-1", "prepare", False, "no disk")],
     m.SwitchAbort: [m.SwitchAbort("sw-1", "operator cancelled")],
+    m.SwitchRequest: [m.SwitchRequest("live"), m.SwitchRequest("stop")],
     m.AuthChallenge: [m.AuthChallenge(b"\x07" * 32, "ABCD-EFGH"), m.AuthChallenge(b"", "")],
     m.AuthProof: [m.AuthProof(b"0\x82\x01\x0a" + b"c" * 200, b"s" * 64)],
     m.PrecopyStart: [m.PrecopyStart(1), m.PrecopyStart(2**40)],
@@ -257,7 +258,7 @@ def test_malformed_not_a_list_of_type_and_fields(obj):
         decode_all(raw_frame(obj))
 
 
-@pytest.mark.parametrize("type_id", [0, 14, 19, 28, 56, 255, -1, 2**64 - 1])
+@pytest.mark.parametrize("type_id", [0, 14, 19, 29, 56, 255, -1, 2**64 - 1])
 def test_malformed_unknown_type(type_id):
     with pytest.raises(MalformedFrame, match="unknown message type"):
         decode_all(raw_frame([type_id, 1]))

@@ -68,6 +68,8 @@ class SinkReceiver:
         #: this; by default the store's own record decides.
         self.domain_here: Callable[[], bool] = (
             lambda: self.store is not None and self.store.handed_over)
+        #: Awaited before a Hello is answered (the node turning around after a switch).
+        self.settle: Callable[[], Awaitable[None]] | None = None
         #: This host's placement generation and where it got it, for the Welcome.
         self.placement: Callable[[], tuple[int, float, bool]] = (
             lambda: (self.store.generation, self.store.running_since, self.store.forced)
@@ -140,6 +142,14 @@ class SinkReceiver:
             self.store.close(clean=True)
             self.store = None
         await self.disks.close()
+
+    async def request_switch(self, mode: str) -> None:
+        """Ask the connected source to switch the domain to this host."""
+        link = self.link
+        if link is None or not self.connected.is_set():
+            raise PeerError(f"the peer {self.source_node or ''} is not connected: it cannot be "
+                            "asked to switch (press switch on the host that runs the VM)")
+        await link.send(m.SwitchRequest(mode))
 
     async def end_session(self) -> None:
         """End the paired source's session, if any, and wait until it is over."""
@@ -297,6 +307,10 @@ class SinkReceiver:
                                 f"{self.cfg.domain.name!r}")
             raise LayoutMismatch(f"source offers domain {hello.domain!r}")
         self.source_node = hello.node
+        if self.settle is not None:
+            # The node may be turning around (ending its VM, making its RAM and disks the
+            # shadow): answer once it knows where the domain runs.
+            await self.settle()
         if self.domain_here():
             # Never a stream into a domain that runs here: tell the peer (it may be waiting
             # for a switch's outcome; or it runs the domain too: a split brain it reports).

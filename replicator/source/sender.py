@@ -64,6 +64,8 @@ class SourceReplicator:
         self.generation = 0
         self.sink_placement: tuple[int, float, bool] = (0, 0.0, False)
         self.last_error = ""
+        #: Called with the mode when the sink asks for a switch (the node starts it).
+        self.on_switch_request: Callable[[str], None] | None = None
         self._connect = connect or self._tcp_connect
         self.identity = identity_for(cfg)
         self._pinned = pinned_peer(cfg) if self.identity is not None else ""
@@ -285,6 +287,13 @@ class SourceReplicator:
                     self.rtt = time.monotonic() - sent
             elif isinstance(msg, m.ErrorMessage):
                 raise PeerError(f"sink reported: {msg.message}")
+            elif isinstance(msg, m.SwitchRequest):
+                # "Switch now" pressed on the sink's host: run it as if pressed here.
+                if self.on_switch_request is None or msg.mode not in ("live", "stop"):
+                    log.warning("ignoring a switch request from the sink (%r)", msg.mode)
+                else:
+                    log.info("the sink asks for a switch (%s mode)", msg.mode)
+                    self.on_switch_request(msg.mode)
             else:
                 try:
                     self._responses.put_nowait(msg)

@@ -225,6 +225,14 @@ class SwitchAbort:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class SwitchRequest:
+    """The sink asks for a switch to itself ("switch now" pressed on the host that keeps the
+    shadow); the source runs it as if pressed there, and may refuse."""
+    TYPE: ClassVar[int] = 28
+    mode: str
+
+
 # --- authentication (inside TLS, before Hello) ------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -361,4 +369,5 @@ MESSAGE_TYPES: tuple[type, ...] = (
     DeviceState, SwitchCommit, SwitchResult, SwitchAbort, AuthChallenge, AuthProof,
     PrecopyStart, PrecopyReady, PrecopyData, PrecopyReturn, SwitchRelease,
     DiskOpen, DiskManifest, DiskOpened, DiskBatch, DiskRoundEnd, DiskAck, SwitchDisks,
+    SwitchRequest,
 )
