@@ -66,7 +66,7 @@ cost: $(STAMP) guest           # root: the cost of staying warm (CPU, wire, stre
 cost-quick: $(STAMP) guest     # root: 512 MiB guest, 12 s windows; report on stdout; ~4 min
 	$(BIN)/python -m bench.cost --quick
 
-roundtrip: $(STAMP) guest      # root: there and back (60 s away, 2 + 20 MiB/s) vs QEMU back in full; ~15 min
+roundtrip: $(STAMP) guest      # root: there and back (60 s away, 2 + 20 MiB/s) vs QEMU back in full; ~11 min
 	$(BIN)/python -m bench.roundtrip --out bench/RESULTS-roundtrip.md
 
 roundtrip-quick: $(STAMP) guest # root: 512 MiB, 20 s away, 2 MiB/s; table on stdout; ~3 min
