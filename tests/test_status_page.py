@@ -698,3 +698,44 @@ async def test_page_shows_disk_copy_progress_and_sink_writer_state(browser):
         assert heads == ["Disk", "Path", "Format", "Size", "Generation", "Written", "Writer"]
         assert not await browser.displayed("#last-switch")
         assert await browser.script_errors() == []
+
+
+class PullNode(StatusNode):
+    """A two-way sink: its page's button asks the peer to switch the domain here."""
+
+    def __init__(self, status: dict):
+        super().__init__(status)
+        self.asked: list[str] = []
+
+    async def switch(self, mode: str) -> dict:
+        self.asked.append(mode)
+        self._status.update(runs_domain=True)
+        return {"result": "ok", "mode": mode, "requested_here": True}
+
+
+async def test_a_two_way_standby_page_switches_the_domain_here(browser):
+    sink = {"role": "sink", "node": "desktop", "domain": "vm1", "time": time.time(),
+            "two_way": True, "handed_over": True, "runs_domain": False,
+            "peer": {"connected": True, "node": "laptop"}, "acked_epoch": 7,
+            "ram_bytes": 64 * MiB, "shadow": {}, "disks": [],
+            "placement": {"here": False, "generation": 1}}
+    node = PullNode(sink)
+    async with api(node, "t") as url:
+        await open_page(browser, url, "sink")
+        await eventually(lambda: browser.displayed("#switch-button"), "the button")
+        assert await browser.text("#switch-button") == "Switch here now"
+        assert "brings it here" in await browser.text("#switch-why")
+        assert not await browser.displayed("#sink-note")
+        await browser.type("#token", "t")
+        await browser.click("#switch-button")
+        async def asked() -> bool:
+            return node.asked == ["live"]
+        await eventually(asked, "the page to ask for the switch")
+        await eventually(lambda: _text_is(browser, "#switch-why", "the domain runs here."),
+                         "the page to show the domain here")
+        assert await browser.script_errors() == []
+    # One way, the standby still has no button.
+    one_way = {**sink, "two_way": False}
+    async with api(StatusNode(one_way), "t") as url:
+        await open_page(browser, url, "sink")
+        assert not await browser.displayed("#switch-form")
