@@ -238,6 +238,10 @@ def cmd_switch(args: argparse.Namespace) -> int:
                                         {"mode": args.mode})
         finally:
             watcher.cancel()
+        if code == 200 and data.get("requested_here") and not args.json:
+            print(f"switched ({data['mode']}): the domain runs HERE now, brought from "
+                  f"{data.get('peer') or 'the peer'} in {data['time_to_switch_ms']:.1f} ms")
+            return 0
         if code == 200:
             print(json.dumps(data) if args.json else
                   f"switched ({data['mode']}): the domain runs on {data.get('peer') or 'the peer'}"
@@ -405,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
 
-    sp = sub.add_parser("switch", help="move the running domain to the peer now")
+    sp = sub.add_parser("switch", help="move the domain now: to the peer, or here from the "
+                                       "peer when it runs there (both ways)")
     with_api(sp)
     sp.add_argument("--mode", choices=("live", "stop"), default="live",
                     help="live: catch up while running, then a short pause; "
