@@ -126,14 +126,7 @@ class PeerNode:
                 elif changed:
                     log.info("domain %s now %s: keeping its shadow here",
                              self.cfg.domain.name, placement.describe())
-                    # The shadow is made of this host's RAM file and disks before the peer
-                    # may stream into them (the receiver asks _turning too).
-                    self._turning = True
-                    self.placement = placement
-                    try:
-                        await self._become_sink(placement)
-                    finally:
-                        self._turning = False
+                    await self._turn_to_sink(placement)
                 self.placement = placement
                 self._check_split_brain()
 
@@ -200,6 +193,17 @@ class PeerNode:
                 await settle_leftover_migration(proc)
             return proc
         return None                                  # the home's own VM: launched or attached
+
+    async def _turn_to_sink(self, placement: Placement) -> None:
+        """Take ``placement`` (the domain on the peer) and become its shadow. The shadow is
+        made of this host's RAM file and disks before the peer may stream into them: the
+        receiver answers only once ``_turning`` is over."""
+        self._turning = True
+        self.placement = placement
+        try:
+            await self._become_sink(placement)
+        finally:
+            self._turning = False
 
     async def _become_sink(self, placement: Placement) -> None:
         """The domain was handed over: end the paused VM here, keep its RAM and disks as the
@@ -337,12 +341,7 @@ class PeerNode:
             placement = read_placement(self.root, home=self.home)
             log.warning("split brain: discarding this host's copy of domain %s; it becomes the "
                         "peer's shadow (generation %d)", self.cfg.domain.name, generation)
-            self._turning = True
-            self.placement = placement
-            try:
-                await self._become_sink(placement)
-            finally:
-                self._turning = False
+            await self._turn_to_sink(placement)
         return {"message": f"the domain here was stopped and its copy discarded; this host is "
                            f"the shadow of {rep.sink_node if rep else 'the peer'} now"}
 

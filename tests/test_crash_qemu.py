@@ -237,10 +237,20 @@ async def _expect_rollback(pair: Pair, *, victim: str, hold: str | None, mode: s
 @pytest.mark.parametrize("tracker,mode", [("scan", "live"), ("qemu-precopy", "stop")])
 async def test_desktop_daemon_killed_at_each_switch_phase(shm_dir, guest, daemons, tracker,
                                                           mode):
-    pair = Pair(shm_dir, guest, daemons, tracker)
+    await with_pair(shm_dir, guest, daemons, tracker,
+                    lambda pair: _source_killed_at_each_phase(pair, mode))
+
+
+async def with_pair(shm_dir: Path, guest, daemons, tracker: str, body, *,
+                    back: bool = False) -> None:
+    """Start a pair (``back``: both ways, the guest on the laptop first), run ``body(pair)``,
+    dump the daemons' logs if it fails, and stop everything."""
+    pair = Pair(shm_dir, guest, daemons, tracker, both_ways=back)
     try:
         await pair.start()
-        await _source_killed_at_each_phase(pair, mode)
+        if back:
+            await way_back(pair)
+        await body(pair)
     except BaseException:
         pair.dump_logs()
         raise
@@ -261,16 +271,8 @@ async def test_laptop_daemon_killed_at_each_phase_of_the_switch_back(shm_dir, gu
                                                                      tracker, mode):
     """The way home: the laptop runs the guest and streams it back; its daemon is killed at
     every phase of the switch back."""
-    pair = Pair(shm_dir, guest, daemons, tracker, both_ways=True)
-    try:
-        await pair.start()
-        await way_back(pair)
-        await _source_killed_at_each_phase(pair, mode)
-    except BaseException:
-        pair.dump_logs()
-        raise
-    finally:
-        pair.stop()
+    await with_pair(shm_dir, guest, daemons, tracker,
+                    lambda pair: _source_killed_at_each_phase(pair, mode), back=True)
 
 
 @pytest.mark.parametrize("tracker,mode", [("scan", "stop")])
@@ -278,16 +280,8 @@ async def test_desktop_daemon_killed_at_each_phase_of_the_switch_back(shm_dir, g
                                                                       tracker, mode):
     """The way home, the receiving end: the desktop keeps the shadow; its daemon is killed at
     every phase of the switch back."""
-    pair = Pair(shm_dir, guest, daemons, tracker, both_ways=True)
-    try:
-        await pair.start()
-        await way_back(pair)
-        await _sink_killed_at_each_phase(pair, mode)
-    except BaseException:
-        pair.dump_logs()
-        raise
-    finally:
-        pair.stop()
+    await with_pair(shm_dir, guest, daemons, tracker,
+                    lambda pair: _sink_killed_at_each_phase(pair, mode), back=True)
 
 
 async def _source_killed_at_each_phase(pair: Pair, mode: str) -> None:
@@ -317,15 +311,8 @@ async def _source_killed_at_each_phase(pair: Pair, mode: str) -> None:
 @pytest.mark.parametrize("tracker,mode", [("scan", "stop"), ("qemu-precopy", "live")])
 async def test_laptop_daemon_killed_at_each_switch_phase(shm_dir, guest, daemons, tracker,
                                                          mode):
-    pair = Pair(shm_dir, guest, daemons, tracker)
-    try:
-        await pair.start()
-        await _sink_killed_at_each_phase(pair, mode)
-    except BaseException:
-        pair.dump_logs()
-        raise
-    finally:
-        pair.stop()
+    await with_pair(shm_dir, guest, daemons, tracker,
+                    lambda pair: _sink_killed_at_each_phase(pair, mode))
 
 
 async def _sink_killed_at_each_phase(pair: Pair, mode: str) -> None:

@@ -201,15 +201,7 @@ class DirtyTracking:
         if any(current.values()):
             raise QemuError(f"QEMU {self.proc.name} already has {self.prefix} bitmaps; "
                             "use recover()")
-        for disk in await self.disks():
-            action = self._add(disk.node, generation, disk.format == "qcow2", None)
-            try:
-                await self.proc.execute("block-dirty-bitmap-add", action["data"])
-            except QemuError as exc:
-                if not action["data"]["persistent"] or "qcow2 v2" not in _desc(exc):
-                    raise
-                action["data"]["persistent"] = False
-                await self.proc.execute("block-dirty-bitmap-add", action["data"])
+        await self.add_recording(generation)
 
     async def add_recording(self, generation: int) -> None:
         """Start a recording bitmap of ``generation`` on every disk, whatever bitmaps of ours
