@@ -174,6 +174,10 @@ class ShadowStore:
                         "stopped; re-hashing them", self.root)
             self.rehash()
             rebuilt = True
+        elif state.get("rehash"):
+            log.info("store %s: hashing the images (%s)", self.root, state["rehash"])
+            self.rehash()
+            rebuilt = True
         elif state and not clean and (not (boot := _boot_id()) or state.get("boot_id") != boot):
             # An unknown boot ID (either one) could hide a reboot: fail closed.
             log.warning("store %s: the machine may have restarted without a clean shutdown; "
@@ -235,7 +239,7 @@ class ShadowStore:
         # Unclean with no boot ID: the next open re-hashes whatever the images hold.
         atomic_write(root / "state.json", json.dumps({
             "epoch": 0, "clean": False, "boot_id": "", "handed_over": False,
-            "generation": generation}))
+            "generation": generation, "rehash": "this host's VM ran on them"}))
 
     def begin_external_writes(self) -> None:
         """Another writer (a shadow QEMU loading a relayed migration) changes the images now.

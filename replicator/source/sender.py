@@ -129,8 +129,14 @@ class SourceReplicator:
                 await self._session(link)
             except PeerRejected as exc:
                 self.last_error = str(exc)
-                log.error("sink refused us: %s", exc)
-                wait = max(delay, 5.0)
+                if self.sink_handed_over and self.sink_placement[0] < self.generation:
+                    # The peer ran the domain a generation ago and has not turned around
+                    # yet (it just handed the domain over): ask again soon.
+                    log.info("the peer still turns around after the switch; retrying")
+                    wait = delay
+                else:
+                    log.error("sink refused us: %s", exc)
+                    wait = max(delay, 5.0)
             except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.warning("replication link: %s; reconnecting in %.1fs", self.last_error, delay)
