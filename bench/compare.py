@@ -70,7 +70,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from replicator.cli import _request  # noqa: E402
-from replicator.demo import _toml, counters  # noqa: E402
+from replicator.demo import _toml  # noqa: E402
+from replicator.guestlog import counters
 from replicator.identity import Identity  # noqa: E402
 from replicator.vmm.qemu import QemuProcess  # noqa: E402
 from replicator.vmm.spec import VmSpec, build_argv  # noqa: E402

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from replicator.config import parse_size
-from replicator.demo import REPO, Daemon, _toml, counters, ensure_guest, stop_pair
+from replicator.demo import REPO, Daemon, _toml, ensure_guest, stop_pair
+from replicator.guestlog import counters
 from replicator.identity import Identity
 from replicator.vmm.qemu import QemuProcess
 from replicator.vmm.spec import VmSpec

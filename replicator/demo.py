@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,9 +23,9 @@ from typing import Any
 
 from .config import parse_size
 from .errors import ReplicatorError
+from .guestlog import counters, diskchecks, fmt_bytes
 
 REPO = Path(__file__).resolve().parent.parent
-COUNTER_RE = re.compile(rb"COUNTER (\d+)")
 
 
 def ensure_guest(guest_dir: Path) -> tuple[Path, Path]:
@@ -40,45 +39,13 @@ def ensure_guest(guest_dir: Path) -> tuple[Path, Path]:
     return kernel, initrd
 
 
-def counters(path: Path) -> list[int]:
-    try:
-        return [int(x) for x in COUNTER_RE.findall(path.read_bytes())]
-    except FileNotFoundError:
-        return []
-
-
-def memchecks(path: Path) -> list[tuple[bool, int]]:
-    """The guest's memory-check results in a serial log (kernel arg ``memcheck=<s>``), in order:
-    ``(ok, pass number)`` per finished pass, complete lines only; the per-page
-    ``MEMCHECK FAIL page=`` lines are not passes and are left out."""
-    try:
-        log = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    return [(m[1] == b"OK", int(m[2]))
-            for m in re.finditer(rb"MEMCHECK (OK|FAIL) pass=(\d+) (?:pages|bad)=\d+\n", log)]
-
-
-def diskchecks(path: Path) -> list[tuple[bool, int]]:
-    """The guest's disk-check results in a serial log (kernel arg ``diskcheck=<s>``), in order:
-    ``(ok, round number)`` per finished round, complete lines only; the per-block
-    ``DISKCHECK FAIL round=<k> region=`` lines are not rounds and are left out, and
-    ``DISKCHECK FAIL no disk`` counts as a failed round 0."""
-    try:
-        log = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    return [(m[1] == b"OK", int(m[2] or 0)) for m in re.finditer(
-        rb"DISKCHECK (OK|FAIL) (?:round=(\d+) (?:regions|bad)=\d+|no disk)\n", log)]
-
-
 def _disk_cell(disks: list[dict] | None) -> str:
     """The demo's disk columns: lag and copy state of the first disk."""
     if not disks:
         return ""
     d = disks[0]
     state = d["copy"] if d["copy"] == "streaming" else f"{d['copy']} {d['progress']:.0%}"
-    return f"{_fmt_bytes(d['lag']['bytes']):>9} {state:>10}"
+    return f"{fmt_bytes(d['lag']['bytes']):>9} {state:>10}"
 
 
 def _toml(d: dict[str, Any], prefix: str = "") -> str:
@@ -161,14 +128,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 async def run_demo(args: argparse.Namespace) -> dict:
@@ -260,10 +219,10 @@ async def run_demo(args: argparse.Namespace) -> dict:
             await asyncio.sleep(1.0)
             _, st = await source.request("GET", "/api/v1/status")
             lag = st.get("lag") or {}
-            say(f"{time.monotonic() - t_rep:5.1f}  {_fmt_bytes(lag.get('bytes', 0)):>10} "
+            say(f"{time.monotonic() - t_rep:5.1f}  {fmt_bytes(lag.get('bytes', 0)):>10} "
                 f"{lag.get('pages', 0):>7} {lag.get('seconds', 0):6.2f}  "
-                f"{_fmt_bytes(st.get('dirty_rate_bytes_per_second', 0)):>10}  "
-                f"{_fmt_bytes(st.get('throughput_bytes_per_second', 0)):>10}  "
+                f"{fmt_bytes(st.get('dirty_rate_bytes_per_second', 0)):>10}  "
+                f"{fmt_bytes(st.get('throughput_bytes_per_second', 0)):>10}  "
                 f"{st.get('switch_estimate_seconds', 0) * 1000:10.0f} ms  "
                 f"{'yes' if st.get('in_sync') else 'no ':<4}  " + _disk_cell(st.get("disks")))
             elapsed = time.monotonic() - t_rep
@@ -328,23 +287,23 @@ async def run_demo(args: argparse.Namespace) -> dict:
                         and result["disk_checks_on_laptop"] > 0)
         say("")
         say("report")
-        say(f"  guest RAM             {_fmt_bytes(ram)}")
-        say(f"  sent (wire / raw)     {_fmt_bytes(result['sent_bytes'])} / "
-            f"{_fmt_bytes(result['raw_bytes'])}")
+        say(f"  guest RAM             {fmt_bytes(ram)}")
+        say(f"  sent (wire / raw)     {fmt_bytes(result['sent_bytes'])} / "
+            f"{fmt_bytes(result['raw_bytes'])}")
         rounds = ("QEMU dirty-log syncs while held open" if args.tracker == "qemu-precopy"
                   else "catch-up rounds")
         say(f"  mode                  {args.mode}, tracker {args.tracker} "
             f"({sw['catchup_rounds']} {rounds})")
         say(f"  final delta           {sw['final_delta_pages']} pages, device state "
-            f"{_fmt_bytes(sw['device_state_bytes'])}")
+            f"{fmt_bytes(sw['device_state_bytes'])}")
         say(f"  downtime              {sw['downtime_ms']:.1f} ms (desktop paused -> laptop "
             f"running)")
         say(f"  time to switch        {sw['time_to_switch_ms']:.1f} ms (request -> running)")
         say(f"  shadow verified       {sw['shadow_verified']}")
         if disk_size:
-            say(f"  disk                  {_fmt_bytes(disk_size)} qcow2, sent "
-                f"{_fmt_bytes(result['disk_sent_bytes'])}, final delta "
-                f"{_fmt_bytes(result['disk_final_delta_bytes'])}, copy verified "
+            say(f"  disk                  {fmt_bytes(disk_size)} qcow2, sent "
+                f"{fmt_bytes(result['disk_sent_bytes'])}, final delta "
+                f"{fmt_bytes(result['disk_final_delta_bytes'])}, copy verified "
                 f"{result['disk_verified']}")
             say(f"  guest disk checks     {result['disk_checks_ok']} OK, "
                 f"{result['disk_checks_failed']} FAILED ({result['disk_checks_on_laptop']} on "

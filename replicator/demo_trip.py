@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import ReplicatorError
+from .guestlog import counters, fmt_bytes
 from .pagefile import CHUNK_PAGES, hash_file
 
 PAGE = 4096
@@ -58,7 +59,6 @@ async def _metric_sum(daemon: Any, prefix: str, contains: str = "") -> float:
 async def come_home(args: Any, say: Callable[..., None], result: dict, desktop: Any,
                     laptop: Any, work: Path, disk: Path | None) -> bool:
     """Run the VM on the laptop a while (streaming back), switch it home, report."""
-    from .demo import _fmt_bytes, counters
     faults = work / "faults"
     t0 = time.monotonic()
     while not (faults / "at-peer-shadow-ready").exists():
@@ -79,8 +79,8 @@ async def come_home(args: Any, say: Callable[..., None], result: dict, desktop: 
         await asyncio.sleep(1.0)
         _, st = await laptop.request("GET", "/api/v1/status")
         lag = st.get("lag") or {}
-        say(f"{time.monotonic() - t_away:5.1f}  lag {_fmt_bytes(lag.get('bytes', 0)):>10}  "
-            f"sent {_fmt_bytes((st.get('sent_bytes') or {}).get('wire', 0)):>10}  "
+        say(f"{time.monotonic() - t_away:5.1f}  lag {fmt_bytes(lag.get('bytes', 0)):>10}  "
+            f"sent {fmt_bytes((st.get('sent_bytes') or {}).get('wire', 0)):>10}  "
             f"{'in sync' if st.get('in_sync') else 'catching up'}")
         ready = st.get("in_sync") and all(d["copy"] == "streaming" for d in st.get("disks") or [])
         if time.monotonic() - t_away >= args.away_seconds and ready:
@@ -122,9 +122,9 @@ async def come_home(args: Any, say: Callable[..., None], result: dict, desktop: 
     home = st_desk.get("domain_state") == "running"
     say("")
     say("report, the way back")
-    say(f"  changed while away    {_fmt_bytes(changed_bytes)} (RAM pages and disk blocks that "
+    say(f"  changed while away    {fmt_bytes(changed_bytes)} (RAM pages and disk blocks that "
         "differ from what the desktop kept)")
-    say(f"  sent back             {_fmt_bytes(back_sent)} "
+    say(f"  sent back             {fmt_bytes(back_sent)} "
         f"({back_sent / max(changed_bytes, 1):.2f} x what changed)")
     say(f"  downtime              {sw['downtime_ms']:.1f} ms; time to switch "
         f"{sw['time_to_switch_ms']:.1f} ms")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from replicator.cli import _request
-from replicator.demo import counters
+from replicator.guestlog import counters
 
 from .conftest import pair_ids, wait_until
 from .test_disks_qemu import same_content
@@ -39,7 +39,7 @@ SETTLE_SECONDS = 10.0
 
 def memchecks(path: Path) -> tuple[int, int]:
     """(passes OK, passes FAILed) the guest reported on its console."""
-    from replicator.demo import memchecks as parse
+    from replicator.guestlog import memchecks as parse
     results = parse(path)
     return sum(1 for ok, _ in results if ok), sum(1 for ok, _ in results if not ok)
 
@@ -48,7 +48,7 @@ class Pair:
     """Desktop and laptop daemons for one QEMU domain, with a shared fault directory."""
 
     def __init__(self, d: Path, guest: tuple[Path, Path], daemons, tracker: str,
-                 both_ways: bool = False):
+                 both_ways: bool = False, append: str = ""):
         kernel, initrd = guest
         self.d = d
         self.faults = d / "faults"
@@ -58,7 +58,7 @@ class Pair:
         # Both ways (the round trip): the laptop connects back to the desktop's listener.
         back = {"listen": f"127.0.0.1:{free_port()}"} if both_ways else {}
         qemu = {"ram_size": RAM, "accel": "tcg", "kernel": str(kernel), "initrd": str(initrd),
-                "append": "console=ttyS0 quiet fill=25 dirty=2 memcheck=3"}
+                "append": "console=ttyS0 quiet fill=25 dirty=2 memcheck=3" + append}
         stream = {"reconnect_delay": 0.2}
         self.desk_log = d / "desk-serial.log"
         self.lap_log = d / "lap-serial.log"

@@ -16,7 +16,7 @@ import pytest
 
 from replicator.config import load_config
 from replicator.node import SinkNode, SourceNode
-from replicator.demo import counters, diskchecks
+from replicator.guestlog import counters, diskchecks
 from replicator.vmm.qemu import QemuProcess
 
 from .conftest import pair_ids, wait_until

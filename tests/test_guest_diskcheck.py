@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator.demo import counters, diskchecks
+from replicator.guestlog import counters, diskchecks
 from replicator.vmm import QemuProcess, VmSpec
 from replicator.vmm.disks import DiskSpec
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from replicator.demo import memchecks
+from replicator.guestlog import memchecks
 from replicator.vmm import QemuProcess, VmSpec
 
 from .conftest import ROOT, wait_until

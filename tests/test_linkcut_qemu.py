@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from replicator.cli import _request
-from replicator.demo import _toml, counters
+from replicator.demo import _toml
+from replicator.guestlog import counters
 
 from .conftest import ROOT, pair_ids
 from .netns import DESK_ADDR, LAP_ADDR, TwoHosts

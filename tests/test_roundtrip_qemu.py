@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replicator.demo import counters, diskchecks
+from replicator.guestlog import counters, diskchecks
 from replicator.pagefile import CHUNK_PAGES, hash_file
 
 from .conftest import wait_until
 from .test_crash_qemu import MiB, RAM, Pair, memchecks
-from .test_disks_qemu import same_content
 from .test_faults import daemons  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.qemu
@@ -41,7 +40,8 @@ class RoundTrip(Pair):
     """A :class:`Pair` whose daemons are peers: the domain moves both ways."""
 
     def __init__(self, d: Path, guest, daemons, tracker: str):
-        super().__init__(d, guest, daemons, tracker, both_ways=True)
+        # The guest checks its disk too (each round verifies what the last one wrote).
+        super().__init__(d, guest, daemons, tracker, both_ways=True, append=" diskcheck=1")
         self.hosts = {"desktop": self.src, "laptop": self.snk}
 
     def ram(self, host: str) -> Path:
@@ -57,6 +57,13 @@ class RoundTrip(Pair):
             return bool(last.get("in_sync"))
         await wait_until(ok, timeout, f"{host} to report in_sync")
         return last
+
+    async def check_disk(self, host: str) -> None:
+        """The guest's disk check passes again on ``host`` (on that host's disk)."""
+        path = self.log(host)
+        n = len(diskchecks(path))
+        await wait_until(lambda: len(diskchecks(path)) >= n + 2, 60, f"disk checks on {host}")
+        assert all(ok for ok, _ in diskchecks(path)), diskchecks(path)[-4:]
 
     async def switch_from(self, host: str, mode: str) -> dict:
         from replicator.cli import _request
@@ -81,6 +88,7 @@ async def test_three_round_trips_send_only_the_delta(shm_dir, guest, daemons, tr
             there = await trip.switch_from("desktop", "live" if n % 2 == 0 else "stop")
             assert there["result"] == "ok", there
             await trip.check_guest("laptop")
+            await trip.check_disk("laptop")
             await wait_until(lambda: (trip.faults / "at-peer-shadow-ready").exists(), 60,
                              "the desktop to make its RAM and disk the shadow")
             kept_ram = page_hashes(trip.ram("desktop"))
@@ -101,6 +109,7 @@ async def test_three_round_trips_send_only_the_delta(shm_dir, guest, daemons, tr
                                           "live" if n % 2 == 0 else "stop")
             assert back["result"] == "ok", back
             await trip.check_guest("desktop")
+            await trip.check_disk("desktop")
             # What the guest changed while away: pages of the desktop's RAM image now (equal
             # to the laptop's at the switch back) that differ from what it kept.
             changed_pages = int(np.count_nonzero(page_hashes(trip.ram("desktop")) != kept_ram))
@@ -115,10 +124,14 @@ async def test_three_round_trips_send_only_the_delta(shm_dir, guest, daemons, tr
             assert sent < RAM // 2, sent
             factor = 1.2 if tracker == "scan" else 3.0
             assert before <= factor * changed_pages * 4096 + 4 * MiB, (before, changed_pages)
-            assert same_content(trip.disk, trip.copy), "the desktop's disk differs from the copy"
+            # The switch compared the disks' digests (the guest writes on at once, so the files
+            # differ a moment later); the guest's own disk check passed on each host.
+            if n != 1:
+                assert back["disks_verified"] is True, back
         for p in (trip.desk_log, trip.lap_log):
             assert memchecks(p)[1] == 0
-            assert all(ok for ok, _ in diskchecks(p)), diskchecks(p)
+            checks = diskchecks(p)
+            assert checks and all(ok for ok, _ in checks), (p.name, checks)
         seq = counters(trip.desk_log)
         assert seq[-1] > 0
     except BaseException:

@@ -19,7 +19,7 @@ import pytest
 
 from replicator.config import load_config
 from replicator.node import SinkNode, SourceNode
-from replicator.demo import counters
+from replicator.guestlog import counters
 from replicator.errors import SwitchError
 from replicator.vmm.qemu import QemuProcess
 
