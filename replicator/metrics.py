@@ -15,7 +15,6 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info,
@@ -23,6 +22,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Inf
 from prometheus_client.metrics_core import Metric
 
 from . import __version__
+from .vmm.launch_record import proc_stat
 
 _SWITCH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 #: Why the sink closed a connection before it authenticated (see replicator.sink.admission).
@@ -198,18 +198,15 @@ class _QemuProcessCollector(ProcessCollector):
         return super().collect() if self._scraped else []
 
 
+
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu(pid: int) -> tuple[float, float, int] | None:
     """(CPU seconds of all its threads, user + system; seconds since it started; its start
     time in clock ticks since boot) of ``pid`` from /proc, or None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
+    fields = proc_stat(pid)
+    if fields is None:
         return None
     start = int(fields[19])
     age = time.clock_gettime(time.CLOCK_BOOTTIME) - start / _TICKS

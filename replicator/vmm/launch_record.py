@@ -33,8 +33,9 @@ def _boot_id() -> str:
         return ""
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/pid/stat), or None."""
+def proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None when the
+    process is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
@@ -42,7 +43,13 @@ def process_start_ticks(pid: int) -> int | None:
     fields = stat[stat.rindex(b")") + 2:].split()
     if fields[0] in (b"Z", b"X"):
         return None
-    return int(fields[19])
+    return fields
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/pid/stat), or None."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields is not None else None
 
 
 def process_argv(pid: int) -> list[str] | None:
