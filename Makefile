@@ -12,7 +12,9 @@ STAMP   := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	@if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null \
 	    || ! command -v busybox >/dev/null \
-	    || ! command -v promtool >/dev/null || ! command -v chromium >/dev/null; then \
+	    || ! command -v promtool >/dev/null || ! command -v chromium >/dev/null \
+	    || ! { command -v libvirtd || test -x /usr/sbin/libvirtd; } >/dev/null \
+	    || ! command -v virsh >/dev/null || ! command -v pkg-config >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then bash deploy/install-deps.sh; \
 	  else echo "missing system packages: run 'sudo bash deploy/install-deps.sh'" >&2; exit 1; fi; \
 	fi

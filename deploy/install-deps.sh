@@ -53,15 +53,19 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
 
 # QEMU 10 from backports; bookworm's 7.2 lacks what the switch needs. qemu-utils (qemu-img)
-# of the same version makes the qcow2 disks of the tests.
-apt-get install -y -q --no-install-recommends -t "$backports" qemu-system-x86 qemu-utils
+# of the same version makes the qcow2 disks of the tests. libvirt from backports too, in the
+# same transaction: bookworm's libvirt 9.0 predates QEMU 10, backports' matches it.
+# libvirt-dev (same version) is what the libvirt-python binding builds against.
+apt-get install -y -q --no-install-recommends -t "$backports" qemu-system-x86 qemu-utils \
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
 
 # Everything else from the release itself.
 apt-get install -y -q --no-install-recommends \
     busybox-static cpio gzip xz-utils zstd gcc libc6-dev binutils \
+    pkg-config python3-dev \
     iproute2 procps \
     prometheus \
     chromium chromium-driver \
     systemd
 
-echo "install-deps: done ($(qemu-system-x86_64 --version | head -n1))"
+echo "install-deps: done ($(qemu-system-x86_64 --version | head -n1); libvirt $(virsh --version))"
