@@ -118,10 +118,20 @@ class QemuConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LibvirtConfig:
+    """A domain libvirt manages (virt-manager, GNOME Boxes, cockpit): replicator finds its RAM,
+    vCPUs, machine, disks and RAM file through libvirt and uses libvirt's QMP passthrough for
+    what libvirt does not offer. On the laptop the domain is defined from the desktop's XML
+    with the laptop's paths (``domain.qemu.disks``) when it is not defined there yet."""
+    uri: str = "qemu:///system"
+    name: str = ""                          # the libvirt domain on this host; "": domain.name
+
+
+@dataclass(frozen=True, slots=True)
 class DomainConfig:
     """The domain (VM) being replicated."""
     name: str = "vm"
-    driver: Literal["file", "qemu"] = "file"
+    driver: Literal["file", "qemu", "libvirt"] = "file"
     # auto: qemu-precopy for QEMU domains (no O(RAM) step in the switch), scan otherwise.
     tracker: Literal["auto", "scan", "qemu-precopy"] = "auto"
     regions: tuple[RegionConfig, ...] = ()
@@ -132,6 +142,16 @@ class DomainConfig:
     # domain whose qemu.ram_size is set must offer exactly that.
     max_ram_size: int = 64 * 1024**3
     qemu: QemuConfig = field(default_factory=QemuConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+
+    @property
+    def is_qemu(self) -> bool:
+        """A QEMU VM (launched/attached by replicator, or libvirt's): device state, QMP."""
+        return self.driver in ("qemu", "libvirt")
+
+    @property
+    def libvirt_name(self) -> str:
+        return self.libvirt.name or self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,8 +387,17 @@ def _validate(cfg: Config, path: str | None) -> None:
             bad(f"domain.regions[{i}].size", f"must be a multiple of {PAGE_SIZE}")
     if cfg.node.role == "source" and d.driver == "file" and not d.regions:
         bad("domain.regions", "a file domain needs at least one region")
-    if d.tracker == "qemu-precopy" and d.driver != "qemu":
-        bad("domain.tracker", 'qemu-precopy needs driver = "qemu"')
+    if d.tracker == "qemu-precopy" and not d.is_qemu:
+        bad("domain.tracker", 'qemu-precopy needs driver = "qemu" or "libvirt"')
+    if d.driver == "libvirt":
+        if not d.libvirt.uri.startswith("qemu"):
+            bad("domain.libvirt.uri", f"{d.libvirt.uri!r} is not a QEMU driver URI "
+                "(qemu:///system, qemu+ssh://host/system, ...)")
+        if d.libvirt.name and not SAFE_NAME.fullmatch(d.libvirt.name):
+            bad("domain.libvirt.name", "use letters, digits, '_', '.', '-'")
+        if d.qemu.launch or d.qemu.qmp_socket or d.qemu.ram_path:
+            bad("domain.qemu", "a libvirt domain is found through libvirt: leave launch, "
+                "qmp_socket and ram_path unset")
     if d.driver == "qemu" and d.qemu.ram_size % PAGE_SIZE:
         bad("domain.qemu.ram_size", f"must be a multiple of {PAGE_SIZE}")
     if d.max_ram_size < PAGE_SIZE:
@@ -432,6 +461,6 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any]) -> Config:
     cfg = dataclasses.replace(cfg, peer=peer)
     _validate(cfg, path)
     if cfg.domain.tracker == "auto":
-        chosen = "qemu-precopy" if cfg.domain.driver == "qemu" else "scan"
+        chosen = "qemu-precopy" if cfg.domain.is_qemu else "scan"
         cfg = dataclasses.replace(cfg, domain=dataclasses.replace(cfg.domain, tracker=chosen))
     return cfg

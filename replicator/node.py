@@ -54,6 +54,12 @@ class SourceNode:
         cfg = self.cfg
         if cfg.domain.driver == "file":
             self.driver = FileDriver(cfg.domain)
+        elif cfg.domain.driver == "libvirt":
+            from .source.libvirt_driver import LibvirtDriver
+            if self._proc is not None:
+                self.driver = await LibvirtDriver.from_libvirt_process(cfg, self._proc)
+            else:
+                self.driver = await LibvirtDriver.create(cfg)
         else:
             from .source.qemu_driver import QemuDriver
             if self._proc is not None:
@@ -63,7 +69,7 @@ class SourceNode:
         regions = await self.driver.regions()
         disks = None
         throttle = None
-        if cfg.domain.driver == "qemu":
+        if cfg.domain.is_qemu:
             from .source import disks as source_disks
             from .wire.pages import Compressor
             disks = await source_disks.create(
@@ -73,8 +79,8 @@ class SourceNode:
         state = HandoverState(Path(cfg.node.state_dir) / cfg.domain.name / "handed-over.json",
                               self.generation)
         if cfg.domain.tracker == "qemu-precopy":
-            if cfg.domain.driver != "qemu":
-                raise ConfigError("the qemu-precopy tracker needs driver = \"qemu\"",
+            if not cfg.domain.is_qemu:
+                raise ConfigError("the qemu-precopy tracker needs a QEMU or libvirt domain",
                                   path=cfg.source_path, key="domain.tracker")
             from .source.precopy import PrecopyStream
             self.rep = SourceReplicator(cfg, self.driver, regions, metrics=self.metrics,
@@ -246,18 +252,21 @@ class SinkNode:
             self.receiver.domain_here = self.domain_here
             self.receiver.placement = self.placement
             self.receiver.settle = self.settle
-        if self.cfg.domain.driver == "qemu":
+        if self.cfg.domain.driver == "libvirt":
+            from .sink.libvirt_shadow import LibvirtShadow
+            shadow: Any = LibvirtShadow(self.cfg, self.receiver)
+        elif self.cfg.domain.driver == "qemu":
             from .sink.qemu_shadow import QemuShadow
-            shadow: Any = QemuShadow(self.cfg, self.receiver)
+            shadow = QemuShadow(self.cfg, self.receiver)
         else:
             shadow = NullShadow()
         self.switch_handler = SinkSwitch(self.receiver, shadow)
-        if self.cfg.domain.driver == "qemu":
+        if self.cfg.domain.is_qemu:
             from .sink.precopy import PrecopySink
             self.precopy = PrecopySink(self.receiver, self.switch_handler)
         await self._recover(domain_here)
         self.address = await self.receiver.start()
-        if self.cfg.domain.driver == "qemu":
+        if self.cfg.domain.is_qemu:
             self._prestart = asyncio.create_task(self._prestart_shadow(), name="prestart")
             self._prestart.add_done_callback(_log_crash)
 

@@ -141,7 +141,7 @@ class PeerNode:
         """The domain runs here: hand its QEMU to the source half and stream to the peer."""
         p = self.placement
         proc = None
-        if self.cfg.domain.driver == "qemu":
+        if self.cfg.domain.is_qemu:
             proc = await self._domain_process(p)
         if p.decided_by == "committed":
             # The fence of an earlier hand-over from here is older than this commit.
@@ -183,7 +183,7 @@ class PeerNode:
                     f"domain {self.cfg.domain.name} was committed to this host (generation "
                     f"{p.generation}) but its QEMU is gone; start it from {self.root} by hand")
             return proc
-        if p.generation > 0:
+        if p.generation > 0 and self.cfg.domain.driver == "qemu":
             # A switch from here was cut short: its QEMU stays as it is for the source half
             # to settle (never resumed before the peer said it never committed); only the
             # migration its dead relay held open is ended, so that QEMU can run again.
@@ -211,6 +211,11 @@ class PeerNode:
         src, self.source = self.source, None
         kept = _verified_disks(src) if src is not None else None
         if src is not None:
+            end_here = getattr(src.driver, "end_here", None)
+            if end_here is not None:
+                # A libvirt domain: keep its RAM file (libvirt removes it) as the shadow's
+                # image, then shut it off through libvirt.
+                await end_here(self.root / "ram0.img")
             await src.stop(leave_domain_running=False)
         self.split_brain = None
         await self._forget_stale_shadow(placement, kept)
@@ -294,7 +299,7 @@ class PeerNode:
             if self.placement.here:
                 raise ReplicatorError("the domain already runs here")
             sink = self.sink
-            if sink is None or self.cfg.domain.driver != "qemu":
+            if sink is None or not self.cfg.domain.is_qemu:
                 raise ReplicatorError("takeover needs a QEMU domain and peer.listen (a shadow)")
             rec = sink.receiver
             if rec.connected.is_set():

@@ -23,7 +23,7 @@ from typing import Any
 
 import xxhash
 
-from ..errors import DomainError, ProtocolError
+from ..errors import DomainError, ProtocolError, QemuError
 from ..link import Link
 from ..vmm.migration_format import DeviceStateBegin, PageKind, PageRecord
 from ..vmm.migration_stream import PrecopyParser
@@ -44,6 +44,8 @@ class PrecopySink:
         self.receiver = receiver
         self.switch = switch
         self.shadow = switch.shadow
+        #: QEMU's name for the guest RAM block in the stream (the store calls it "ram0").
+        self.ram_block = getattr(self.shadow, "ram_block", RAM_BACKEND_ID)
         self.session = 0
         self.released = False
         self.held: list[bytes] = []
@@ -83,19 +85,10 @@ class PrecopySink:
         proc = self.shadow.proc
         with contextlib.suppress(FileNotFoundError):
             self.sock_path.unlink()
-        await proc.start_precopy_incoming(f"unix:{self.sock_path}")
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        for _ in range(200):
-            try:
-                await loop.sock_connect(sock, str(self.sock_path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                await asyncio.sleep(0.05)
-        else:
-            sock.close()
-            raise DomainError("the shadow QEMU never opened its incoming migration socket")
+        try:
+            sock = await proc.open_precopy_incoming(self.sock_path)
+        except QemuError as exc:
+            raise DomainError(f"the shadow QEMU's incoming migration did not start: {exc}") from None
         self._qsock = sock
         self._parser = PrecopyParser()
         self.session = session
@@ -112,7 +105,7 @@ class PrecopySink:
         hashes = store.regions[RAM_BACKEND_ID].hashes
         for ev in self._parser.feed(data):
             if isinstance(ev, PageRecord):
-                if ev.block == RAM_BACKEND_ID:
+                if ev.block == self.ram_block:
                     hashes[ev.index] = ZERO_HASH if ev.kind is PageKind.ZERO else _hash(ev.data)
             elif isinstance(ev, DeviceStateBegin):
                 self._tasks.append(asyncio.create_task(self._watch_load(link),

@@ -18,6 +18,7 @@ shutdown, un-fsync'd announcements may be lost too, so the images are re-hashed 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -33,7 +34,7 @@ import xxhash
 from ..config import PAGE_SIZE
 from ..durable import atomic_write, fsync_dir
 from ..errors import StoreError
-from ..pagefile import CHUNK_PAGES, digest_hashes, hash_file
+from ..pagefile import CHUNK_PAGES, copy_data, digest_hashes, hash_file
 from ..wire.messages import RegionInfo
 from ..wire.pages import ZERO_HASH, DecodedBatch
 
@@ -95,6 +96,7 @@ class ShadowStore:
         self.running_since = 0.0
         self.forced = False
         self._images = dict(images or {})
+        self._retired_fds: list[int] = []
         self._journal_fd = -1
         self._journal_size = 0
         self._pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -454,6 +456,34 @@ class ShadowStore:
     def digests(self) -> tuple[bytes, ...]:
         return tuple(digest_hashes(r.hashes) for r in self.regions.values())
 
+    def adopt_image(self, name: str, path: Path) -> int:
+        """Make ``path`` (a fresh, empty file another program created, such as the RAM file
+        libvirt gives a shadow domain) region ``name``'s image: the image's data is copied
+        into it, the store's own name for the image becomes a hard link to it (so the data
+        outlives that program removing ``path``), and writes go there from now on. Returns the
+        bytes copied (0 when ``path`` is the image already)."""
+        r = self.regions[name]
+        if os.path.samefile(path, r.path):
+            return 0
+        dst = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.fstat(dst).st_size != r.info.size:
+                os.ftruncate(dst, r.info.size)
+            copied = copy_data(r.fd, dst, r.info.size)
+            tmp = r.path.with_name(r.path.name + ".link")
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.link(path, tmp)
+            os.replace(tmp, r.path)
+            fsync_dir(r.path.parent)
+        except OSError as exc:
+            os.close(dst)
+            raise _store_error(f"moving region {name!r} to {path}", exc) from None
+        # An epoch's commit may be fsyncing the old descriptor in a thread: close it later.
+        self._retired_fds.append(r.fd)
+        r.fd = dst
+        return copied
+
     def rehash(self) -> None:
         """Rebuild every page hash from the images themselves (O(RAM); crash recovery)."""
         buf = bytearray(CHUNK_PAGES * PAGE_SIZE)
@@ -474,6 +504,8 @@ class ShadowStore:
             if r.fd >= 0:
                 os.close(r.fd)
                 r.fd = -1
+        while self._retired_fds:
+            os.close(self._retired_fds.pop())
         if self._journal_fd >= 0:
             os.close(self._journal_fd)
             self._journal_fd = -1

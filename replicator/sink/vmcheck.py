@@ -62,7 +62,7 @@ def parse_description(raw: bytes) -> dict[str, Any]:
     if len(raw) > MAX_DESCRIPTION:
         raise ProtocolError(f"VM description of {len(raw)} bytes is too large")
     try:
-        desc = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=4096,
+        desc = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_str_len=MAX_DESCRIPTION,
                                max_bin_len=0, max_array_len=MAX_DISKS, max_map_len=32)
     except Exception as exc:
         raise ProtocolError(f"VM description is not valid msgpack: {exc}") from None
@@ -83,6 +83,12 @@ def parse_description(raw: bytes) -> dict[str, Any]:
                 out[k] = str(uuid_mod.UUID(str(v)))
             except ValueError:
                 raise ProtocolError(f"VM description: uuid {v!r} is not a UUID") from None
+        elif k == "libvirt_xml":
+            # A libvirt domain's definition: the laptop defines its own from it, with its own
+            # paths (replicator.vmm.libvirt_xml.laptop_definition refuses any other path).
+            if not isinstance(v, str):
+                raise ProtocolError("VM description: libvirt_xml must be a string")
+            out[k] = v
         elif k == "disks":
             if not isinstance(v, list):
                 raise ProtocolError("VM description: disks must be a list")
@@ -132,10 +138,10 @@ def check_offer(cfg: Config, hello: m.Hello) -> None:
     d = cfg.domain
     total = sum(r.size for r in hello.regions)
     # A QEMU domain whose ram_size is set is bounded exactly by it (peer_values, below).
-    if total > d.max_ram_size and not (d.driver == "qemu" and d.qemu.ram_size):
+    if total > d.max_ram_size and not (d.is_qemu and d.qemu.ram_size):
         raise LayoutMismatch(f"the source offers {_size(total)} of guest RAM, more than this "
                              f"sink's domain.max_ram_size ({_size(d.max_ram_size)})")
-    if d.driver != "qemu":
+    if not d.is_qemu:
         return
     names = [r.name for r in hello.regions]
     if names != [RAM_BACKEND_ID]:

@@ -87,8 +87,14 @@ class PrecopyStream:
 
     # --- page bookkeeping (runs inside the editor, per record) ---------------------------------
 
+    @property
+    def _ram_block(self) -> str:
+        # QEMU's name for the guest RAM block: "ram0" for a VM replicator launched, libvirt's
+        # "pc.ram" for its domains. The region is called "ram0" on the wire either way.
+        return getattr(self.rep.driver, "ram_block", RAM_BACKEND_ID)
+
     def _drop_page(self, block: str, index: int, data: memoryview | bytes | None) -> bool:
-        if block != RAM_BACKEND_ID:
+        if block != self._ram_block:
             return False
         shipped = self.rep.ledger.regions[RAM_BACKEND_ID].shipped
         if index >= len(shipped):
@@ -174,7 +180,7 @@ class PrecopyStream:
         out, events = self._editor.feed(chunk)
         for ev in events:
             if isinstance(ev, PageRecord):
-                if ev.block != RAM_BACKEND_ID:
+                if ev.block != self._ram_block:
                     continue
                 if ev.kind is PageKind.ZERO:
                     self.zero_records += 1

@@ -46,11 +46,15 @@ async def settle_leftover_migration(proc: QemuProcess, timeout: float = 10.0) ->
 
 
 class QemuDriver(DomainDriver):
-    def __init__(self, cfg: Config, proc: QemuProcess, ram_path: Path, ram_size: int):
+    def __init__(self, cfg: Config, proc: QemuProcess, ram_path: Path, ram_size: int,
+                 ram_block: str = RAM_BACKEND_ID):
         self.cfg = cfg
         self.proc = proc
         self.ram_path = ram_path
         self.ram_size = ram_size
+        #: QEMU's id of the RAM backend (its block in migration streams); the region that
+        #: replicates it is "ram0" whatever QEMU calls it.
+        self.ram_block = ram_block
         self.workdir = Path(cfg.node.state_dir) / cfg.domain.name
 
     @classmethod
@@ -78,7 +82,8 @@ class QemuDriver(DomainDriver):
         return await cls.from_process(cfg, proc)
 
     @classmethod
-    async def from_process(cls, cfg: Config, proc: QemuProcess) -> "QemuDriver":
+    async def from_process(cls, cfg: Config, proc: QemuProcess,
+                           ram_block: str = RAM_BACKEND_ID) -> "QemuDriver":
         """The driver for a QEMU this node already holds: the shadow that became the domain
         when a switch committed here (launched from this host's config, as a shadow)."""
         try:
@@ -86,16 +91,16 @@ class QemuDriver(DomainDriver):
         except QemuError:
             await proc.close()
             raise
-        if RAM_BACKEND_ID not in backends or len(backends) != 1:
+        if ram_block not in backends or len(backends) != 1:
             await proc.close()
-            raise DomainError(f"expected one shared RAM backend {RAM_BACKEND_ID!r}, found "
+            raise DomainError(f"expected one shared RAM backend {ram_block!r}, found "
                               f"{sorted(backends)}")
-        ram_path = Path(backends[RAM_BACKEND_ID])
-        size = (await proc.execute("qom-get", {"path": f"/objects/{RAM_BACKEND_ID}",
+        ram_path = Path(backends[ram_block])
+        size = (await proc.execute("qom-get", {"path": f"/objects/{ram_block}",
                                                 "property": "size"}))
         log.info("QEMU domain %s: guest RAM %d MiB in %s", cfg.domain.name, int(size) >> 20,
                  ram_path)
-        return cls(cfg, proc, ram_path, int(size))
+        return cls(cfg, proc, ram_path, int(size), ram_block)
 
     async def regions(self) -> list[Region]:
         return [Region(RAM_BACKEND_ID, self.ram_path, self.ram_size)]

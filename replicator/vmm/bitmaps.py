@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from replicator.errors import QemuError
@@ -94,9 +95,10 @@ async def start_nbd_server(proc: QemuProcess, path: str | os.PathLike[str], *,
     if not sock or len(os.fsencode(sock)) > _SUN_PATH_MAX:
         raise QemuError(f"NBD socket path {sock!r} is empty or longer than {_SUN_PATH_MAX} bytes")
     try:
-        # nbd-server-start takes the legacy address form ("data" wraps the path).
+        # nbd-server-start takes the legacy address form ("data" wraps the path); a QEMU
+        # that cannot reach our directory (libvirt's) gets a listening socket passed instead.
         await proc.execute("nbd-server-start", {
-            "addr": {"type": "unix", "data": {"path": sock}},
+            "addr": await proc.listen_address(Path(sock)),
             "max-connections": max_connections})
     except QemuError as exc:
         if "already running" in _desc(exc):

@@ -56,6 +56,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Mapping
@@ -222,7 +223,32 @@ class QemuMigration:
             {**PRECOPY_CAPABILITIES, "pause-before-switchover": pause_before_switchover})
         await self.vm.execute("migrate-set-parameters", {"max-bandwidth": 0})
         self._save_prepared = False
-        await self.vm.execute("migrate", {"uri": uri})
+        await self.vm.execute("migrate", {"uri": await self.vm.outgoing_uri(uri)})
+
+    async def open_precopy_incoming(self, sock_path: Path) -> socket.socket:
+        """Shadow: start the incoming precopy and return the connected socket the relay writes
+        the stream into (QEMU listens on ``sock_path``, or, where QEMU cannot reach our files,
+        reads a socket pair's end passed to it)."""
+        uri, sock = await self.vm.incoming_endpoint(sock_path)
+        try:
+            await self.start_precopy_incoming(uri)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        if sock is not None:
+            return sock
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        for _ in range(200):
+            try:
+                await loop.sock_connect(sock, str(sock_path))
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.05)
+        sock.close()
+        raise QemuError(f"QEMU {self.name} never opened its incoming migration socket")
 
     async def start_precopy_incoming(self, uri: str) -> None:
         """Shadow (started with ``incoming="defer"``): listen for the relayed precopy stream."""
@@ -305,7 +331,8 @@ class QemuMigration:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         started = time.monotonic()
-        await self.vm.execute("migrate", {"channels": [_file_channel(path)]})
+        channel = await self.vm.migration_channel(path, write=True)
+        await self.vm.execute("migrate", {"channels": [channel]})
         info = await self.wait_completed(timeout, "saving device state")
         completed = time.monotonic()
         try:
@@ -396,8 +423,9 @@ class QemuMigration:
         if self._load_prepared is None or self._load_prepared.get("x-ignore-shared") != ignore:
             await self.prepare_load(ignore_shared=ignore)
         started = time.monotonic()
+        channel = await self.vm.migration_channel(path, write=False)
         await self.vm.execute("migrate-incoming", {
-            "channels": [_file_channel(path)],
+            "channels": [channel],
             "exit-on-error": False,
         })
         info = await self.wait_completed(timeout, "loading device state")
@@ -444,7 +472,7 @@ class QemuMigration:
         return base / f"{stem}.incoming-{os.getpid()}-{self._incoming_files}.mig"
 
 
-def _file_channel(path: Path) -> dict[str, Any]:
+def file_channel(path: Path) -> dict[str, Any]:
     # The structured form takes the file name verbatim (the "file:" URI form treats ",offset="
     # specially).
     return {"channel-type": "main",

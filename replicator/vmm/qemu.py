@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import enum
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,7 +36,8 @@ from qemu.qmp import ExecuteError, QMPError
 from replicator.errors import QemuError
 from replicator.vmm.host_process import HostProcess, clear_stale_socket, socket_peer_pid
 from replicator.vmm.launch_record import LaunchRecord
-from replicator.vmm.migration import DeviceStateLoad, DeviceStateSave, QemuMigration
+from replicator.vmm.migration import (DeviceStateLoad, DeviceStateSave, QemuMigration,
+                                      file_channel)
 from replicator.vmm.qmp_events import QmpCommandError, QmpEvent, QmpEventLog, QuietQMPClient
 from replicator.vmm.spec import VmSpec, build_argv
 
@@ -432,6 +434,27 @@ class QemuProcess:
 
     async def start_precopy_incoming(self, uri: str) -> None:
         await self.migration.start_precopy_incoming(uri)
+
+    async def open_precopy_incoming(self, sock_path: Path) -> socket.socket:
+        return await self.migration.open_precopy_incoming(sock_path)
+
+    # -- how migration channels reach this QEMU (a libvirt domain passes descriptors) --------
+
+    async def migration_channel(self, path: Path, *, write: bool) -> dict[str, Any]:
+        """The channel for a device-state stream in the file ``path``: QEMU opens it."""
+        return file_channel(path)
+
+    async def outgoing_uri(self, uri: str) -> str:
+        """The ``migrate`` URI for the relay's listener ``uri``: QEMU connects itself."""
+        return uri
+
+    async def listen_address(self, sock_path: Path) -> dict[str, Any]:
+        """QMP's legacy SocketAddress for a server of QEMU's on ``sock_path``."""
+        return {"type": "unix", "data": {"path": str(sock_path)}}
+
+    async def incoming_endpoint(self, sock_path: Path) -> tuple[str, socket.socket | None]:
+        """QEMU listens on ``sock_path`` (the caller connects); no socket of ours yet."""
+        return f"unix:{sock_path}", None
 
     async def query_migrate(self) -> dict[str, Any]:
         return await self.migration.query_migrate()

@@ -1,0 +1,110 @@
+"""The libvirt domain driver: a VM that libvirt runs (virt-manager, GNOME Boxes, cockpit).
+
+Everything is found through libvirt: the domain's RAM size, vCPUs, machine and disks from its
+XML, its RAM file from QEMU (libvirt puts it under ``memory_backing_dir``), its state from
+libvirt. The user edits nothing but, once, the ``<memoryBacking>`` that :mod:`..vmm.libvirt_xml`
+asks for. What differs from :class:`.QemuDriver` is how QEMU is reached (libvirt's passthrough,
+:class:`~..vmm.libvirt.LibvirtQemu`) and that the domain is libvirt's: replicator never ends it,
+except after a switch, when this host's copy becomes the shadow (:meth:`LibvirtDriver.end_here`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..errors import DomainError
+from ..vmm.libvirt import LibvirtHost, LibvirtQemu
+from ..vmm.libvirt_xml import LIBVIRT_RAM_BLOCK, facts
+from .qemu_driver import QemuDriver, settle_leftover_migration
+
+log = logging.getLogger(__name__)
+
+
+def keep_file(src: Path, dest: Path) -> None:
+    """Make ``dest`` another name of ``src``'s data (a hard link, replacing ``dest``), so that
+    the data outlives libvirt removing ``src`` when the domain stops."""
+    tmp = dest.with_name(dest.name + ".link")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError as exc:
+        raise DomainError(
+            f"cannot keep the VM's RAM file {src} as {dest}: {exc.strerror} (the state dir and "
+            "libvirt's memory_backing_dir must be on one file system)") from None
+    os.replace(tmp, dest)
+
+
+class LibvirtDriver(QemuDriver):
+    """The source's handle on a libvirt domain."""
+
+    lv: LibvirtHost
+    xml: str = ""
+
+    @classmethod
+    async def create(cls, cfg: Config) -> LibvirtDriver:   # type: ignore[override]
+        name = cfg.domain.libvirt_name
+        workdir = Path(cfg.node.state_dir) / cfg.domain.name
+        workdir.mkdir(parents=True, exist_ok=True)
+        host = await LibvirtHost.open(cfg.domain.libvirt.uri)
+        try:
+            dom = await host.lookup(name)
+            if dom is None:
+                raise DomainError(f"libvirt ({host.uri}) has no domain {name!r} "
+                                  "(domain.libvirt.name, else domain.name)")
+            live = await host.call("reading the domain XML", dom.XMLDesc, 0)
+            facts(live, what="libvirt domain")          # refuses without shared RAM
+            proc = await LibvirtQemu.attach(host, name, workdir)
+            await settle_leftover_migration(proc)
+            drv = await cls.from_process(cfg, proc, LIBVIRT_RAM_BLOCK)
+        except BaseException:
+            await host.close()
+            raise
+        drv.lv = host
+        drv.xml = await host.call("reading the domain XML", dom.XMLDesc,
+                                  host.libvirt.VIR_DOMAIN_XML_INACTIVE)
+        log.info("libvirt domain %s (%s): QMP through libvirt's passthrough (libvirt marks the "
+                 "domain tainted: custom monitor control commands)", name, host.uri)
+        return drv
+
+    @classmethod
+    async def from_libvirt_process(cls, cfg: Config, proc: LibvirtQemu) -> LibvirtDriver:
+        """The driver for the domain a switch committed to this host (its shadow QEMU)."""
+        drv = await cls.from_process(cfg, proc, LIBVIRT_RAM_BLOCK)
+        drv.lv = proc.lv
+        drv.xml = await proc.lv.call("reading the domain XML", proc.dom.XMLDesc,
+                                     proc.lv.libvirt.VIR_DOMAIN_XML_INACTIVE)
+        return drv
+
+    async def resume(self) -> None:
+        # Through libvirt (not QMP cont), so virsh and virt-manager say "running" again.
+        state = await self.proc.status()
+        if state == "running":
+            return
+        await self.proc.resume_domain()
+
+    async def vm_description(self) -> dict[str, Any]:
+        desc = await super().vm_description()
+        desc["libvirt_xml"] = self.xml
+        return desc
+
+    async def end_here(self, keep_ram_at: Path) -> None:
+        """The domain runs on the peer now: keep this host's RAM file as the shadow's image
+        (``keep_ram_at``), then end the paused QEMU through libvirt (shut off, still defined)."""
+        state = await self.proc.status()
+        if state == "running":
+            raise DomainError(f"libvirt domain {self.proc.name} runs; not ending it")
+        keep_file(self.ram_path, keep_ram_at)
+        await self.proc.destroy()
+        log.info("libvirt domain %s ended here (it runs on the peer); its RAM is kept as %s",
+                 self.proc.name, keep_ram_at)
+
+    async def close(self, leave_running: bool = False) -> None:
+        """libvirt owns the domain: it is never ended here, only let go of."""
+        await self.proc.close()
+        await self.lv.close()
