@@ -72,6 +72,8 @@ def format_status(st: dict) -> str:
                      f"{'both ways' if st.get('two_way') else 'one way'}")
     if st.get("split_brain"):
         lines.append(f"  {st['split_brain']['message']}")
+    if st.get("domain_problem"):
+        lines.append(f"  NOT REPLICATING: {st['domain_problem']}")
     peer = st.get("peer") or {}
     state = "connected" if peer.get("connected") else f"DISCONNECTED {peer.get('error', '')}"
     lines.append(f"  peer      {peer.get('node') or peer.get('address', '')}: {state}")
@@ -392,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run the daemon (source or sink, per the config)")
     with_config(sp)
     sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("doctor", help="check the config and the domain (libvirt: its XML) and "
+                                       "say what to fix; changes nothing")
+    with_config(sp)
+    sp.set_defaults(func=lambda args: __import__("replicator.doctor", fromlist=["run"]).run(
+        args.config))
 
     sp = sub.add_parser("id", help="print this node's ID (creating its key on first use)")
     with_config(sp)

@@ -310,7 +310,8 @@ class SinkNode:
             await asyncio.sleep(1.0)
             store = rec.store
             if (rec.connected.is_set() and rec.stream_kind == "scan" and store is not None
-                    and store.epoch >= 1 and not store.handed_over and shadow.proc is None):
+                    and store.epoch >= 1 and not store.handed_over
+                    and (shadow.proc is None or shadow.proc.returncode is not None)):
                 try:
                     await shadow.prepare(rec.vm_description)
                 except ReplicatorError as exc:

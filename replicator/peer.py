@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import HandedOver, ReplicatorError, SwitchError
+from .errors import DomainError, HandedOver, ReplicatorError, SwitchError
 from .faults import checkpoint
 from .metrics import Metrics
 from .node import SinkNode, SourceNode, _log_crash
@@ -52,6 +52,8 @@ class PeerNode:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
         self._warned = False
+        self._domain_absent: str | None = None   # why the libvirt domain is not replicated
+        self._next_try = 0.0
         self._turning = False       # handing the domain over: no stream in until the shadow is
 
     @property
@@ -83,7 +85,13 @@ class PeerNode:
             log.warning("the domain runs on the peer and peer.listen is not set: this host "
                         "keeps no shadow and cannot take the domain back (set peer.listen)")
         if self.placement.here:
-            await self._become_source()
+            try:
+                await self._become_source()
+            except DomainError as exc:
+                if self.cfg.domain.driver != "libvirt":
+                    raise
+                # The user's VM is shut off (the service started first, say): wait for it.
+                self._waiting_for_domain(exc)
         self._task = asyncio.create_task(self._reconcile(), name="placement")
         self._task.add_done_callback(_log_crash)
 
@@ -128,7 +136,46 @@ class PeerNode:
                              self.cfg.domain.name, placement.describe())
                     await self._turn_to_sink(placement)
                 self.placement = placement
+                if not changed and placement.here:
+                    await self._follow_domain()
                 self._check_split_brain()
+
+    def _waiting_for_domain(self, exc: Exception) -> None:
+        if self._domain_absent is None:
+            log.warning("%s; replicating once it runs again", exc)
+        self._domain_absent = str(exc)
+
+    async def _follow_domain(self) -> None:
+        """A libvirt domain comes and goes with the user (virt-manager's shut down, force off,
+        run): a source half whose domain stopped lets go of it (a new run is a new QEMU with a
+        new RAM file), and one starts again once the domain runs. Never a switch."""
+        if self.cfg.domain.driver != "libvirt" or self.split_brain is not None:
+            return
+        src = self.source
+        if src is not None:
+            proc = getattr(src.driver, "proc", None)
+            switching = src.switcher is not None and src.switcher.current is not None
+            if proc is None or proc.returncode is None or switching:
+                return
+            log.warning("libvirt domain %s stopped (shut down or destroyed by its user); "
+                        "replication pauses until it runs again", self.cfg.domain.libvirt_name)
+            self.source = None
+            with contextlib.suppress(Exception):
+                await src.stop(leave_domain_running=True)
+            self._domain_absent = "stopped"
+            self._next_try = time.monotonic() + 1.0
+            return
+        if time.monotonic() < self._next_try:
+            return
+        self._next_try = time.monotonic() + 2.0
+        try:
+            await self._become_source()
+        except DomainError as exc:
+            self._waiting_for_domain(exc)
+            return
+        if self._domain_absent is not None:
+            log.info("libvirt domain %s runs again: replicating it", self.cfg.domain.libvirt_name)
+        self._domain_absent = None
 
     async def _settled(self) -> None:
         """Until the node finished turning around (bounded: a peer waits for the answer)."""
@@ -440,6 +487,10 @@ class PeerNode:
             out["sent_bytes"] = {k: int(sent.labels(k)._value.get()) for k in ("raw", "wire")}
         if self.split_brain is not None:
             out["split_brain"] = self.split_brain
+            out["in_sync"] = False
+        if self.source is None and p.here and self._domain_absent is not None:
+            # A libvirt domain its user shut off (or one replicator cannot use yet): say why.
+            out["domain_problem"] = self._domain_absent
             out["in_sync"] = False
         return out
 

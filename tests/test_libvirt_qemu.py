@@ -150,6 +150,7 @@ async def test_libvirt_domain_switches_and_comes_home(lv_pair, tracker):
         assert str(pair.copy) in lap_xml and str(pair.desk.disk) not in lap_xml
         assert "qemu:commandline" not in lap_xml          # -incoming only in the live run
         there = await pair.switch(pair.src, "live")
+        print("\nswitch report:", there)
         assert there["result"] == "ok", there
         assert domstate("rtest-lv-lap") == "running (unpaused)"
         await pair.check_guest(pair.lap_log)
@@ -184,3 +185,65 @@ async def test_domain_without_shared_memory_is_refused_with_the_xml_to_add(lv_pa
     assert "guest RAM is not backed by a file" in text, text[-2000:]
     assert domstate("rtest-lv-desk") == "running (booted)"      # untouched
     assert "<memoryBacking>" not in virsh("dumpxml", "rtest-lv-desk").stdout
+
+
+async def test_domain_destroyed_and_started_again_in_virsh_during_replication(lv_pair):
+    """The user ends the desktop's VM in virt-manager while it replicates, then starts it
+    again: no switch happens, the laptop keeps its shadow, and replication comes back on the
+    new QEMU (libvirt gives it a new RAM file)."""
+    pair = lv_pair("qemu-precopy")
+    try:
+        await pair.start()
+        await pair.wait_in_sync(pair.src)
+        virsh("destroy", "rtest-lv-desk")
+        await wait_until(lambda: domstate("rtest-lv-desk").startswith("shut off"), 30,
+                         "the desktop's domain to be shut off")
+
+        async def noticed() -> bool:
+            st = await pair.src.status()
+            return st.get("domain_state") != "running" and not st.get("in_sync")
+        await wait_until(noticed, 30, "the desktop daemon to notice the domain is gone")
+        await asyncio.sleep(3)
+        # Never a false switch: the laptop does not run it (its shadow waits, or ended with
+        # the relayed migration the desktop's QEMU took with it, and comes back).
+        assert not domstate("rtest-lv-lap").startswith("running")
+        assert not (await pair.snk.status()).get("runs_domain")
+        pair.desk.start()
+        st = await pair.wait_in_sync(pair.src, 240)
+        assert st.get("domain_state") == "running", st
+        assert domstate("rtest-lv-lap").startswith("paused")
+    except BaseException:
+        pair.dump_logs()
+        raise
+
+
+def test_doctor_names_the_xml_to_add(tmp_path, guest):
+    """`replicator doctor` on a libvirt domain without shared memory: the exact XML, nothing
+    changed; with it: ok."""
+    import sys
+    from .test_faults import to_toml
+    ensure_libvirtd()
+    cleanup_stale("rtest-lv-doc")
+    for shared in (False, True):
+        dom = TestDomain("rtest-lv-doc", guest, shared_memory=shared, disk_mib=0)
+        try:
+            dom.define()
+            cfg = tmp_path / "doctor.toml"
+            cfg.write_text(to_toml({
+                "node": {"name": "desktop", "role": "source", "state_dir": str(tmp_path)},
+                "domain": {"name": "vm", "driver": "libvirt",
+                           "libvirt": {"name": "rtest-lv-doc"}},
+                "peer": {"address": "127.0.0.1:7400", "insecure_plaintext": True}}))
+            res = subprocess.run([sys.executable, "-m", "replicator.cli", "doctor", "-c",
+                                  str(cfg)], capture_output=True, text=True, timeout=60)
+            print(res.stdout)
+            if shared:
+                assert res.returncode == 0, res.stdout + res.stderr
+                assert "256 MiB RAM in a shared file" in res.stdout
+            else:
+                assert res.returncode == 1, res.stdout + res.stderr
+                assert "<source type='file'/>" in res.stdout
+                assert "<access mode='shared'/>" in res.stdout
+                assert "<memoryBacking>" not in dom.dumpxml(inactive=True)
+        finally:
+            dom.cleanup()

@@ -153,6 +153,10 @@ class LibvirtShadow(Shadow):
     async def load_device_state(self, data: bytes) -> None:
         if self.proc is None:
             raise DomainError("shadow domain is not running")
+        # Someone may have pressed "Resume" on the paused shadow in virt-manager: on a QEMU
+        # still waiting for its state that only sets "start when loaded". `stop` clears it, so
+        # the loaded VM stays paused until the commit, as the two-phase switch needs.
+        await self.proc.execute("stop")
         result = await self.proc.load_device_state(data)
         if result.status != "paused":
             raise DomainError(f"shadow is {result.status!r} after loading, expected paused")

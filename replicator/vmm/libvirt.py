@@ -245,6 +245,9 @@ class LibvirtQemu(QemuProcess):
         """One QMP command through libvirt's passthrough (``files``: descriptors passed with it,
         for ``getfd``). Raises :class:`QmpCommandError` with QEMU's message when QEMU refuses,
         :class:`QemuError` when libvirt cannot deliver it (the domain is gone, say)."""
+        if self._gone:
+            raise QemuError(f"libvirt domain {self.name} stopped (shut down or destroyed); "
+                            f"not sending {cmd} to whatever runs under its name now")
         lq = self.lv.libvirt_qemu
         text = json.dumps({"execute": cmd, **({"arguments": dict(args)} if args else {})})
         if files:
