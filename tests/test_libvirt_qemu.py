@@ -247,3 +247,70 @@ def test_doctor_names_the_xml_to_add(tmp_path, guest):
                 assert "<memoryBacking>" not in dom.dumpxml(inactive=True)
         finally:
             dom.cleanup()
+
+
+async def test_what_libvirt_tolerates_while_replication_holds_a_migration_open(lv_pair):
+    """libvirt's own operations while qemu-precopy holds QEMU's migration open, and libvirt's
+    view of a rolled-back switch. libvirt's save, snapshot and memory dump go through QEMU's
+    migration or dump machinery, which is busy: each must be refused cleanly, the VM must keep
+    running on the desktop only, and replication must be in sync again afterwards."""
+    pair = lv_pair("qemu-precopy")
+    pair.src.env = {"REPLICATOR_FAULT_DIR": str(pair.d / "faults")}
+    (pair.d / "faults").mkdir()
+    outcomes: list[tuple[str, int, str]] = []
+    try:
+        await pair.start()
+        await pair.wait_in_sync(pair.src)
+        assert domstate("rtest-lv-desk") == "running (booted)"
+        assert domstate("rtest-lv-lap") == "paused (user)"
+        save = pair.d / "desk.sav"
+        for args in (("save", "rtest-lv-desk", str(save)),
+                     ("snapshot-create-as", "rtest-lv-desk", "rtest-snap"),
+                     ("dump", "--memory-only", "rtest-lv-desk", str(pair.d / "desk.core")),
+                     ("suspend", "rtest-lv-desk"), ("resume", "rtest-lv-desk")):
+            res = virsh(*args, check=False, timeout=120)
+            if args[0] == "resume":
+                # While the VM was paused QEMU went on to finish the held-open migration;
+                # replicator cancels it within one poll, then the user's Resume works.
+                for _ in range(20):
+                    if res.returncode == 0:
+                        break
+                    await asyncio.sleep(0.5)
+                    res = virsh(*args, check=False, timeout=120)
+            msg = (res.stderr or res.stdout).strip().splitlines()
+            outcomes.append((" ".join(args[:1]), res.returncode, msg[-1] if msg else ""))
+            assert domstate("rtest-lv-desk").startswith(
+                "paused" if args[0] == "suspend" else "running"), (args, domstate("rtest-lv-desk"))
+            assert not domstate("rtest-lv-lap").startswith("running")
+        st = await pair.wait_in_sync(pair.src, 240)
+        assert st.get("domain_state") == "running"
+        # A switch that rolls back: the laptop's daemon dies while the desktop is paused.
+        faults = pair.d / "faults"
+        (faults / "block-source-final-delta").touch()
+        token = (pair.src.state_dir / "api-token").read_text().strip()
+        task = asyncio.create_task(_request("POST", pair.src.url, "/api/v1/switch", token,
+                                            {"mode": "live"}, timeout=180))
+        await wait_until(lambda: (faults / "at-source-final-delta").exists(), 120,
+                         "the switch to hold with the desktop paused")
+        held = domstate("rtest-lv-desk")
+        pair.snk.kill9()
+        (faults / "block-source-final-delta").unlink()
+        code, report = await task
+        assert code != 200 and report.get("rolled_back"), report
+        await wait_until(lambda: domstate("rtest-lv-desk").startswith("running"), 30,
+                         "libvirt to say running after the rollback")
+        outcomes.append(("(switch rolled back)", 0, f"desktop held paused: {held}; after: "
+                         f"{domstate('rtest-lv-desk')}; laptop {domstate('rtest-lv-lap')}"))
+        assert not domstate("rtest-lv-lap").startswith("running")
+        await pair.check_guest(pair.desk_log)
+        pair.snk.start()
+        st = await pair.wait_in_sync(pair.src, 240)
+        outcomes.append(("(laptop restarted)", 0, f"in sync again; laptop "
+                         f"{domstate('rtest-lv-lap')}"))
+    except BaseException:
+        pair.dump_logs()
+        raise
+    finally:
+        print("\nwhat libvirt did while replication held the migration open:")
+        for what, rc, msg in outcomes:
+            print(f"  virsh {what:<20} exit {rc}: {msg}")

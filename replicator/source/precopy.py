@@ -54,6 +54,10 @@ _hash = xxhash.xxh3_64_intdigest
 RECV_CHUNK = 1 << 20
 
 
+#: Migration states a held-open precopy reaches only once the VM is stopped.
+_FINISHING = ("pre-switchover", "device", "completed")
+
+
 class PrecopyStream:
     """Relays a held-open QEMU precopy migration to the sink (see the module docstring)."""
 
@@ -136,6 +140,7 @@ class PrecopyStream:
         pass
 
     async def _start_migration(self) -> None:
+        await self._wait_running()
         self.sock_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.sock_path.unlink()
@@ -160,6 +165,18 @@ class PrecopyStream:
         conn.setblocking(False)
         self._qsock = conn
         self._editor = PrecopyEditor(self._drop_page)
+
+    async def _wait_running(self) -> None:
+        """A held-open migration of a paused VM completes at once (no switchover ack is
+        needed when it is stopped): start one only while the VM runs."""
+        proc = self.rep.driver.proc
+        told = False
+        while (state := await proc.status()) != "running":
+            if not told:
+                log.info("domain %s is %s: the precopy relay waits until it runs", proc.name,
+                         state)
+                told = True
+            await asyncio.sleep(0.5)
 
     async def _stop_migration(self) -> None:
         """End of a session: close QEMU's stream; an unfinished migration fails, the VM runs on."""
@@ -260,9 +277,18 @@ class PrecopyStream:
         while True:
             with contextlib.suppress(QemuError, asyncio.TimeoutError):
                 self.qemu_info = await proc.query_migrate()
-                if self.qemu_info.get("status") in ("failed", "cancelled"):
-                    raise PeerError(f"QEMU's precopy migration {self.qemu_info['status']}: "
+                status = self.qemu_info.get("status")
+                if status in ("failed", "cancelled"):
+                    raise PeerError(f"QEMU's precopy migration {status}: "
                                     f"{self.qemu_info.get('error-desc', '')}")
+                if status in _FINISHING and not self.switching.is_set():
+                    # Someone paused the VM (virt-manager's Pause, a guest that stopped on an
+                    # I/O error): a stopped VM needs no switchover ack, so QEMU went on to
+                    # finish the migration. End this session (cancelling it gives the VM back
+                    # paused, so its user can resume it); the next waits until it runs.
+                    raise PeerError(f"the domain was paused outside replicator (QEMU's held-"
+                                    f"open migration went on to {status!r}); replication "
+                                    "continues once it runs again")
                 ram = self.qemu_info.get("ram", {})
                 syncs = int(ram.get("dirty-sync-count") or 0)
                 self._backlog = self._judge_backlog(int(ram.get("remaining") or 0),
