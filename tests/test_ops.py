@@ -710,6 +710,17 @@ def test_systemd_unit_verifies_clean(tmp_path, unit, instance):
                         str(d / instance)], capture_output=True, text=True, timeout=120, cwd=d)
     assert r.returncode == 0, r.stdout + r.stderr
 
+    # With the libvirt drop-in (driver = "libvirt"): still clean, root with DAC capabilities.
+    drop = d / f"{instance}.d"
+    drop.mkdir()
+    (drop / "libvirt.conf").write_text((DEPLOY / "libvirt.conf").read_text())
+    r = subprocess.run([analyze, "verify", str(d / instance)], capture_output=True, text=True,
+                       timeout=120, cwd=d)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", ""), r.stdout + r.stderr
+    dropin = unit_settings((DEPLOY / "libvirt.conf").read_text())
+    assert dropin["User"] == ["root"] and "CAP_FOWNER" in dropin["CapabilityBoundingSet"][0]
+    shutil.rmtree(drop)
+
     # And verify does catch mistakes (so "clean" above means something).
     (d / unit).write_text(text.replace("/usr/bin/replicator ", f"{exe} ")
                           .replace("ProtectHome=yes", "ProtectHom=yes"))
@@ -952,6 +963,16 @@ def test_daemon_sighup_reloads_bandwidth_limit(tmp_path, daemons):
 
 # ---------------------------------------------------------------------------------------------
 # Example configs
+
+def test_libvirt_example_configs_load():
+    desktop = load_config(DEPLOY / "libvirt-desktop.toml.example")
+    laptop = load_config(DEPLOY / "libvirt-laptop.toml.example")
+    assert desktop.domain.driver == laptop.domain.driver == "libvirt"
+    assert desktop.domain.name == laptop.domain.name
+    assert desktop.peer.address.rsplit(":", 1)[1] == laptop.peer.listen.rsplit(":", 1)[1]
+    assert laptop.peer.address.rsplit(":", 1)[1] == desktop.peer.listen.rsplit(":", 1)[1]
+    assert laptop.domain.qemu.disks and not desktop.domain.qemu.disks
+
 
 def test_example_configs_load_and_fit_the_unit():
     desktop = load_config(DEPLOY / "desktop.toml.example")

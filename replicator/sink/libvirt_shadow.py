@@ -23,7 +23,7 @@ from typing import Any
 from ..config import Config
 from ..errors import DomainError, QemuError
 from ..vmm.disks import check_image
-from ..vmm.libvirt import LibvirtError, LibvirtHost, LibvirtQemu
+from ..vmm.libvirt import LibvirtError, LibvirtHost, LibvirtQemu, keep_file
 from ..vmm.libvirt_xml import LIBVIRT_RAM_BLOCK, facts, laptop_definition, with_incoming
 from ..vmm.spec import RAM_BACKEND_ID
 from . import vmcheck
@@ -217,7 +217,6 @@ class LibvirtShadow(Shadow):
                              "leaving it alone (see replicator status)", self.name)
                 return
             if state == "postmigrate":
-                from ..source.libvirt_driver import keep_file
                 ram = await proc.execute("qom-get", {"path": f"/objects/{LIBVIRT_RAM_BLOCK}",
                                                      "property": "mem-path"})
                 keep_file(Path(ram), self.workdir / f"{RAM_BACKEND_ID}.img")

@@ -10,34 +10,17 @@ except after a switch, when this host's copy becomes the shadow (:meth:`LibvirtD
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
 from ..errors import DomainError
-from ..vmm.libvirt import LibvirtHost, LibvirtQemu
+from ..vmm.libvirt import LibvirtHost, LibvirtQemu, keep_file
 from ..vmm.libvirt_xml import LIBVIRT_RAM_BLOCK, facts
 from .qemu_driver import QemuDriver, settle_leftover_migration
 
 log = logging.getLogger(__name__)
-
-
-def keep_file(src: Path, dest: Path) -> None:
-    """Make ``dest`` another name of ``src``'s data (a hard link, replacing ``dest``), so that
-    the data outlives libvirt removing ``src`` when the domain stops."""
-    tmp = dest.with_name(dest.name + ".link")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.link(src, tmp)
-    except OSError as exc:
-        raise DomainError(
-            f"cannot keep the VM's RAM file {src} as {dest}: {exc.strerror} (the state dir and "
-            "libvirt's memory_backing_dir must be on one file system)") from None
-    os.replace(tmp, dest)
 
 
 class LibvirtDriver(QemuDriver):

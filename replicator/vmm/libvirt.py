@@ -41,7 +41,7 @@ from replicator.vmm.qmp_events import QmpCommandError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LibvirtHost", "LibvirtQemu", "LibvirtError", "libvirt_modules"]
+__all__ = ["LibvirtHost", "LibvirtQemu", "LibvirtError", "libvirt_modules", "keep_file"]
 
 #: Where libvirt's QEMU driver keeps pid files and per-domain logs (system instance).
 PID_DIR = Path("/run/libvirt/qemu")
@@ -143,6 +143,21 @@ class LibvirtHost:
 
     async def close(self) -> None:
         """Shared and cheap to keep: it stays open for the life of the process."""
+
+
+def keep_file(src: Path, dest: Path) -> None:
+    """Make ``dest`` another name of ``src``'s data (a hard link, replacing ``dest``), so that
+    the data outlives libvirt removing ``src`` when the domain stops."""
+    tmp = dest.with_name(dest.name + ".link")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError as exc:
+        raise DomainError(
+            f"cannot keep the VM's RAM file {src} as {dest}: {exc.strerror} (the state dir and "
+            "libvirt's memory_backing_dir must be on one file system)") from None
+    os.replace(tmp, dest)
 
 
 def domain_pid(name: str) -> int | None:
