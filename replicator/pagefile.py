@@ -122,3 +122,15 @@ def copy_data(src: int, dst: int, size: int) -> int:
             off += n
         copied += end - start
     return copied
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate a range of ``fd`` (it reads as zeros, the size stays): fallocate(2) with
+    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, which Python's os module does not offer."""
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, 0x02 | 0x01, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -202,10 +202,6 @@ def deleted_files_open(under: Path) -> list[str]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: adopt_image keeps every replaced image's descriptor "
-                   "until close(); the sink's store lives as long as the daemon, and the libvirt "
-                   "shadow adopts a new RAM file at every start (each precopy session), so each "
-                   "start keeps a deleted RAM-sized image's blocks allocated")
 def test_adopt_image_does_not_hold_replaced_images(tmp_path: Path):
     root = tmp_path / "state" / "desk"
     store = ShadowStore.open(root, [RAM0])

@@ -34,7 +34,7 @@ import xxhash
 from ..config import PAGE_SIZE
 from ..durable import atomic_write, fsync_dir
 from ..errors import StoreError
-from ..pagefile import CHUNK_PAGES, copy_data, digest_hashes, hash_file
+from ..pagefile import CHUNK_PAGES, copy_data, digest_hashes, hash_file, punch_hole
 from ..wire.messages import RegionInfo
 from ..wire.pages import ZERO_HASH, DecodedBatch
 
@@ -96,7 +96,7 @@ class ShadowStore:
         self.running_since = 0.0
         self.forced = False
         self._images = dict(images or {})
-        self._retired_fds: list[int] = []
+
         self._journal_fd = -1
         self._journal_size = 0
         self._pending: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -463,12 +463,19 @@ class ShadowStore:
         outlives that program removing ``path``), and writes go there from now on. Returns the
         bytes copied (0 when ``path`` is the image already)."""
         r = self.regions[name]
-        if os.path.samefile(path, r.path):
-            return 0
-        dst = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if os.path.samefile(path, r.path):
+                return 0
+            dst = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _store_error(f"moving region {name!r} to {path}", exc) from None
         try:
             if os.fstat(dst).st_size != r.info.size:
                 os.ftruncate(dst, r.info.size)
+            if os.fstat(dst).st_blocks:
+                # Not empty after all (a RAM file left by a crash, say): our holes must read
+                # as zero there too.
+                punch_hole(dst, 0, r.info.size)
             copied = copy_data(r.fd, dst, r.info.size)
             tmp = r.path.with_name(r.path.name + ".link")
             with contextlib.suppress(FileNotFoundError):
@@ -476,12 +483,14 @@ class ShadowStore:
             os.link(path, tmp)
             os.replace(tmp, r.path)
             fsync_dir(r.path.parent)
+            # The region's descriptor number now names the new file (the old file's
+            # description is closed by dup2): an epoch's commit fsyncing it in a thread
+            # meanwhile syncs one or the other, never a closed descriptor.
+            os.dup2(dst, r.fd)
         except OSError as exc:
-            os.close(dst)
             raise _store_error(f"moving region {name!r} to {path}", exc) from None
-        # An epoch's commit may be fsyncing the old descriptor in a thread: close it later.
-        self._retired_fds.append(r.fd)
-        r.fd = dst
+        finally:
+            os.close(dst)
         return copied
 
     def rehash(self) -> None:
@@ -504,8 +513,7 @@ class ShadowStore:
             if r.fd >= 0:
                 os.close(r.fd)
                 r.fd = -1
-        while self._retired_fds:
-            os.close(self._retired_fds.pop())
+
         if self._journal_fd >= 0:
             os.close(self._journal_fd)
             self._journal_fd = -1

@@ -73,6 +73,19 @@ class SwitchReport:
     throttle_percent: int = 0            # auto-converge: the highest CPU throttle QEMU applied
     live_deadline_s: float | None = None
     stop_deadline_s: float | None = None
+    #: Milliseconds spent in each phase, in order (where a switch's time and downtime go).
+    phase_ms: dict = field(default_factory=dict)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "phase":
+            now, prev = time.monotonic(), self.__dict__.get("phase")
+            if prev != value:
+                since = self.__dict__.get("_phase_since")
+                if prev is not None and since is not None:
+                    self.phase_ms[prev] = round(self.phase_ms.get(prev, 0.0)
+                                                + (now - since) * 1000, 2)
+                object.__setattr__(self, "_phase_since", now)
+        object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,6 +10,7 @@ replaced by one of the laptop's (disk copies, kernel, serial log) or refused.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import uuid as uuid_mod
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -114,13 +115,20 @@ def laptop_definition(desktop_xml: str, *, name: str, uuid: str | None,
     speaking for it) cannot make the laptop's QEMU open a file the laptop did not name."""
     root = _parse(desktop_xml)
     ET.register_namespace("qemu", QEMU_NS)
-    if root.find(f"{{{QEMU_NS}}}commandline") is not None:
-        raise DomainError("the desktop's domain has <qemu:commandline> arguments; the laptop "
-                          "does not take command lines from its peer: define the domain on the "
-                          "laptop yourself")
-    for tag in ("id",):
+    if any(el.tag.startswith(f"{{{QEMU_NS}}}") for el in root.iter()):
+        raise DomainError("the desktop's domain has <qemu:...> elements (command line, "
+                          "overrides); the laptop does not take those from its peer: define "
+                          "the domain on the laptop yourself")
+    if root.find("name") is None:
+        raise DomainError("the desktop's domain XML has no <name>")
+    # Not the desktop's to decide here: the live id, and how the laptop's libvirt confines and
+    # runs QEMU (its own security labels and emulator binary apply).
+    for tag in ("id", "seclabel"):
         for el in root.findall(tag):
             root.remove(el)
+    for parent in root.iter():
+        for el in parent.findall("emulator"):
+            parent.remove(el)
     root.find("name").text = name                           # type: ignore[union-attr]
     uuid_el = root.find("uuid")
     if uuid_el is None:
@@ -139,7 +147,7 @@ def laptop_definition(desktop_xml: str, *, name: str, uuid: str | None,
         raise DomainError(f"the desktop's domain has {len(wanted)} disk(s), the laptop has "
                           f"{len(disks)} cop{'y' if len(disks) == 1 else 'ies'}")
     for el, (path, fmt) in zip(wanted, disks):
-        if el.get("type") != "file":
+        if el.get("type") != "file" or el.find("source") is None:
             raise DomainError(f"disk type {el.get('type')!r} is not supported (file only)")
         el.find("source").set("file", str(path))            # type: ignore[union-attr]
         driver = el.find("driver")
@@ -176,23 +184,38 @@ def laptop_definition(desktop_xml: str, *, name: str, uuid: str | None,
         raise DomainError("the desktop's domain has UEFI variables (<nvram>), which replicator "
                           "does not carry yet")
     loader = os_el.find("loader") if os_el is not None else None
-    if loader is not None and loader.text and not loader.text.startswith("/usr/share/"):
-        raise DomainError(f"firmware {loader.text} is not a system firmware under /usr/share")
     if loader is not None and loader.text:
+        if posixpath.normpath(loader.text) != loader.text or not loader.text.startswith(
+                "/usr/share/"):
+            raise DomainError(f"firmware {loader.text} is not a system firmware under "
+                              "/usr/share")
         allowed.add(loader.text)
     _refuse_other_paths(root, allowed)
     return ET.tostring(root, encoding="unicode")
 
 
+#: Host paths any VM may name: the entropy sources of a virtio-rng (libvirt allows only these).
+_HARMLESS = {"/dev/urandom", "/dev/random", "/dev/hwrng"}
+#: Where text may start with "/" without naming a host file (the guest's own words).
+_FREE_TEXT = {"title", "description", "metadata", "cmdline"}
+
+
 def _refuse_other_paths(root: ET.Element, allowed: set[str]) -> None:
-    """A last net: any attribute naming a host file that is not one the laptop chose."""
-    for el in root.iter():
-        for attr in ("file", "path", "dir", "dev"):
-            value = el.get(attr)
-            if value and value.startswith("/") and value not in allowed and el.tag != "target":
+    """A last net: any attribute value or element text that names a host path (begins with
+    "/") and is not one the laptop chose is refused, whatever the element."""
+    def walk(el: ET.Element) -> None:
+        if el.tag in _FREE_TEXT:
+            return
+        values = [(f"{k}=", v) for k, v in el.attrib.items() if el.tag != "target"]
+        values.append(("", (el.text or "").strip()))
+        for what, value in values:
+            if value.startswith("/") and value not in allowed and value not in _HARMLESS:
                 raise DomainError(f"the desktop's domain names the host path {value!r} "
-                                  f"(<{el.tag} {attr}=...>); the laptop does not open paths "
+                                  f"(<{el.tag} {what}...>); the laptop does not open paths "
                                   "its peer chose: define the domain on the laptop yourself")
+        for child in el:
+            walk(child)
+    walk(root)
 
 
 def with_incoming(inactive_xml: str) -> str:
