@@ -155,6 +155,11 @@ class SinkReceiver:
         """End the paired source's session, if any, and wait until it is over."""
         if self.link is not None:
             await self.link.close()
+        elif self._active is not None and self._active is not asyncio.current_task():
+            # A session still waiting before it opened the store (parked in `settle` while
+            # the node turns around, which is what calls us): nothing to save, so end it now
+            # instead of waiting out its wait (the source reconnects at once).
+            self._active.cancel()
         async with self._busy:
             pass
 
