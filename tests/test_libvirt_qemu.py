@@ -37,11 +37,14 @@ def domstate(name: str) -> str:
 class LibvirtPair:
     """A desktop libvirt domain and two daemons; the laptop's domain is made by replicator."""
 
-    def __init__(self, d: Path, guest, daemons, tracker: str, *, shared_memory: bool = True):
+    def __init__(self, d: Path, guest, daemons, tracker: str, *, shared_memory: bool = True,
+                 append: str = APPEND):
         ensure_libvirtd()
         cleanup_stale("rtest-lv")
         self.d = d
-        self.desk = TestDomain("rtest-lv-desk", guest, append=APPEND,
+        self.faults = d / "faults"
+        self.faults.mkdir(exist_ok=True)
+        self.desk = TestDomain("rtest-lv-desk", guest, append=append,
                                shared_memory=shared_memory)
         # The laptop's files: its own kernel/initrd copies and the disk copy replicator makes.
         self.lap_dir = BASE / "rtest-lv-lap"
@@ -49,7 +52,8 @@ class LibvirtPair:
         self.lap_dir.mkdir(parents=True)
         for f in ("vmlinux", "initramfs.cpio.gz"):
             (self.lap_dir / f).write_bytes((self.desk.dir / f).read_bytes())
-        self.copy = self.lap_dir / "disk0.qcow2"
+        self.disk, self.copy = self.desk.disk, self.lap_dir / "disk0.qcow2"
+        self.names = {"desktop": "rtest-lv-desk", "laptop": "rtest-lv-lap"}
         self.desk_log, self.lap_log = self.desk.serial_log, self.lap_dir / "serial.log"
         source_id, sink_id = pair_ids(d / "desk", d / "lap")
         port, back = free_port(), free_port()
@@ -76,6 +80,41 @@ class LibvirtPair:
             "peer": {"listen": f"127.0.0.1:{port}", "address": f"127.0.0.1:{back}",
                      "id": source_id},
             "stream": stream, "control": {"listen": "127.0.0.1:0"}})
+        for dm in (self.src, self.snk):
+            dm.env = {"REPLICATOR_FAULT_DIR": str(self.faults)}
+
+    # -- what tests/test_crash_qemu.py's phase walks use --------------------------------------
+
+    def post_switch(self, mode: str) -> asyncio.Task:
+        token = (self.src.state_dir / "api-token").read_text().strip()
+        return asyncio.get_running_loop().create_task(_request(
+            "POST", self.src.url, "/api/v1/switch", token, {"mode": mode}, timeout=120))
+
+    async def runners(self) -> list[str]:
+        """Which hosts run the guest: libvirt's word (what virt-manager shows), which must
+        agree with the daemons' own."""
+        for attempt in range(3):
+            daemons = {host for host, dm in (("desktop", self.src), ("laptop", self.snk))
+                       if dm.alive and (await dm.status()).get("domain_state") == "running"}
+            out = [host for host, name in self.names.items()
+                   if domstate(name).startswith("running")]
+            if daemons <= set(out):
+                return out
+            await asyncio.sleep(0.3)          # read a moment apart: a resume in between
+        raise AssertionError(f"daemons say {sorted(daemons)} run the guest, libvirt {out}")
+
+    async def wait_replicating(self, timeout: float) -> None:
+        await self.wait_in_sync(self.src, timeout)
+
+    def log(self, host: str) -> Path:
+        return self.desk_log if host == "desktop" else self.lap_log
+
+    def swap(self) -> None:
+        """After a switch both ways: the laptop is the source now (names follow roles)."""
+        self.src, self.snk = self.snk, self.src
+        self.desk_log, self.lap_log = self.lap_log, self.desk_log
+        self.disk, self.copy = self.copy, self.disk
+        self.names = {"desktop": self.names["laptop"], "laptop": self.names["desktop"]}
 
     async def start(self) -> None:
         self.desk.define()
@@ -102,7 +141,9 @@ class LibvirtPair:
         assert code == 200, body
         return body
 
-    async def check_guest(self, log: Path) -> None:
+    async def check_guest(self, log: Path | str) -> None:
+        if isinstance(log, str):
+            log = self.log(log)
         n, (ok0, _) = len(counters(log)), memchecks(log)
         await wait_until(lambda: len(counters(log)) >= n + 2, 60, f"the counter in {log.name}")
         await wait_until(lambda: memchecks(log)[0] > ok0, 90, f"a memory check in {log.name}")
@@ -255,8 +296,6 @@ async def test_what_libvirt_tolerates_while_replication_holds_a_migration_open(l
     migration or dump machinery, which is busy: each must be refused cleanly, the VM must keep
     running on the desktop only, and replication must be in sync again afterwards."""
     pair = lv_pair("qemu-precopy")
-    pair.src.env = {"REPLICATOR_FAULT_DIR": str(pair.d / "faults")}
-    (pair.d / "faults").mkdir()
     outcomes: list[tuple[str, int, str]] = []
     try:
         await pair.start()

@@ -97,9 +97,14 @@ async def start_nbd_server(proc: QemuProcess, path: str | os.PathLike[str], *,
     try:
         # nbd-server-start takes the legacy address form ("data" wraps the path); a QEMU
         # that cannot reach our directory (libvirt's) gets a listening socket passed instead.
-        await proc.execute("nbd-server-start", {
-            "addr": await proc.listen_address(Path(sock)),
-            "max-connections": max_connections})
+        started = False
+        try:
+            await proc.execute("nbd-server-start", {
+                "addr": await proc.listen_address(Path(sock)),
+                "max-connections": max_connections})
+            started = True
+        finally:
+            await proc.listen_done(started)
     except QemuError as exc:
         if "already running" in _desc(exc):
             raise QemuError(f"QEMU {proc.name} already runs an NBD server (QEMU allows one; "

@@ -186,6 +186,7 @@ class LibvirtQemu(QemuProcess):
         self.host.use_stderr_log(LOG_DIR / f"{name}.log")
         self._callbacks: list[tuple[str, int]] = []
         self._gone = False
+        self._pending_listen: tuple[Path, Path, str] | None = None
 
     @classmethod
     async def attach(cls, host: LibvirtHost, name: str,  # type: ignore[override]
@@ -318,18 +319,35 @@ class LibvirtQemu(QemuProcess):
             sock.close()
 
     async def listen_address(self, sock_path: Path) -> dict[str, Any]:
-        """Listen on ``sock_path`` here (in our 0700 directory) and pass QEMU the socket."""
+        """Listen here (in our 0700 directory) and pass QEMU the socket. It is bound beside
+        ``sock_path`` and takes that name only once QEMU's server took it (:meth:`listen_done`):
+        a server an earlier run started may still listen there, and is then reused."""
+        tmp = sock_path.with_name(sock_path.name + ".new")
         with contextlib.suppress(FileNotFoundError):
-            sock_path.unlink()
+            tmp.unlink()
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            lsock.bind(str(sock_path))
-            os.chmod(sock_path, 0o600)
+            lsock.bind(str(tmp))
+            os.chmod(tmp, 0o600)
             lsock.listen(8)
             name = await self.pass_fd(lsock.fileno(), "listen")
         finally:
             lsock.close()
+        self._pending_listen = (tmp, sock_path, name)
         return {"type": "fd", "data": {"str": name}}
+
+    async def listen_done(self, started: bool) -> None:
+        if self._pending_listen is None:
+            return
+        tmp, sock_path, name = self._pending_listen
+        self._pending_listen = None
+        if started:
+            os.replace(tmp, sock_path)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        with contextlib.suppress(QemuError):
+            await self.execute("closefd", {"fdname": name})     # QEMU never took it
 
     async def incoming_endpoint(self, sock_path: Path) -> tuple[str, socket.socket | None]:
         """A socket pair: QEMU reads one end (passed), the relay writes the other."""

@@ -452,6 +452,9 @@ class QemuProcess:
         """QMP's legacy SocketAddress for a server of QEMU's on ``sock_path``."""
         return {"type": "unix", "data": {"path": str(sock_path)}}
 
+    async def listen_done(self, started: bool) -> None:
+        """The server :meth:`listen_address` was for started (or not: one ran already)."""
+
     async def incoming_endpoint(self, sock_path: Path) -> tuple[str, socket.socket | None]:
         """QEMU listens on ``sock_path`` (the caller connects); no socket of ours yet."""
         return f"unix:{sock_path}", None
