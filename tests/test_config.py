@@ -300,7 +300,7 @@ def test_absurd_size_in_file_is_a_config_error(tmp_path):
     (MINIMAL + "[stream]\ncompression = \"gzip\"\n", "stream.compression"),
     (MINIMAL + "[stream]\ncompression = \"ZSTD\"\n", "stream.compression"),
     (MINIMAL + "[node]\nrole = \"primary\"\n", "node.role"),
-    (MINIMAL + "[domain]\ndriver = \"libvirt\"\n", "domain.driver"),
+    (MINIMAL + "[domain]\ndriver = \"xen\"\n", "domain.driver"),
     (MINIMAL + "[domain]\ntracker = \"dirty-log\"\n", "domain.tracker"),
     (MINIMAL + "[domain.qemu]\naccel = \"hvf\"\n", "domain.qemu.accel"),
     (MINIMAL + "[domain.qemu]\naccel = 1\n", "domain.qemu.accel"),
@@ -669,3 +669,16 @@ def test_nul_in_names_refused(tmp_path):
     expect_error(tmp_path, '[domain]\nname = "vm\\u0000x"\n' + MINIMAL, "domain.name")
     expect_error(tmp_path, '[[domain.regions]]\nname = "ram\\u0000"\npath = "/x"\n',
                  "domain.regions[0].name")
+
+
+def test_libvirt_domain_config(tmp_path):
+    cfg = load_config({"node": {"role": "source", "state_dir": str(tmp_path)},
+                       "domain": {"name": "work", "driver": "libvirt",
+                                  "libvirt": {"name": "win11"}}})
+    assert cfg.domain.is_qemu and cfg.domain.libvirt_name == "win11"
+    assert cfg.domain.tracker == "qemu-precopy"              # auto for a QEMU domain
+    assert cfg.domain.libvirt.uri == "qemu:///system"
+    with pytest.raises(ConfigError, match="domain.libvirt.uri"):
+        load_config({"domain": {"driver": "libvirt", "libvirt": {"uri": "xen:///system"}}})
+    with pytest.raises(ConfigError, match="launch, qmp_socket and ram_path"):
+        load_config({"domain": {"driver": "libvirt", "qemu": {"launch": True}}})
