@@ -198,8 +198,15 @@ class LibvirtQemu(QemuProcess):
             raise DomainError(f"libvirt ({host.uri}) has no domain {name!r}")
         if not await host.call("isActive", dom.isActive):
             raise DomainError(f"libvirt domain {name!r} is shut off")
+        run_id = await host.call("reading the domain's id", dom.ID)
         self = cls(host, dom, name, workdir)
         await self._register_events()
+        # A stop (and a new start) before the events were registered would go unnoticed:
+        # libvirt numbers each run of a domain, so the run must still be the one we saw.
+        if await host.call("reading the domain's id", dom.ID) != run_id:
+            await self.close()
+            raise DomainError(f"libvirt domain {name!r} stopped while replicator attached to "
+                              "it; trying again")
         return self
 
     @property
@@ -226,13 +233,15 @@ class LibvirtQemu(QemuProcess):
                     data = json.loads(details)
             msg = {"event": event, "data": data,
                    "timestamp": {"seconds": seconds, "microseconds": micros}}
-            loop.call_soon_threadsafe(record, msg)
+            with contextlib.suppress(RuntimeError):       # the loop closed meanwhile
+                loop.call_soon_threadsafe(record, msg)
 
         def on_lifecycle(_conn: Any, _dom: Any, event: int, detail: int, _opaque: Any) -> None:
             if event == lv.VIR_DOMAIN_EVENT_STOPPED:
                 self._gone = True
-            loop.call_soon_threadsafe(record, {"event": "LIBVIRT_LIFECYCLE",
-                                               "data": {"event": event, "detail": detail}})
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(record, {"event": "LIBVIRT_LIFECYCLE",
+                                                   "data": {"event": event, "detail": detail}})
 
         qid = await self.lv.call("registering for QMP events", lq.qemuMonitorEventRegister,
                                  self.lv.conn, self.dom, None, on_qmp, None, 0)
