@@ -124,21 +124,29 @@ class PeerNode:
                               placement.error)
                     self.placement = placement if self.source is None else self.placement
                 continue
-            async with self._lock:
-                changed = placement.here != self.placement.here
-                if changed and placement.here:
-                    log.info("domain %s now %s: replicating it to the peer",
-                             self.cfg.domain.name, placement.describe())
-                    self.placement = placement          # no stream into it from here on
-                    await self._become_source()
-                elif changed:
-                    log.info("domain %s now %s: keeping its shadow here",
-                             self.cfg.domain.name, placement.describe())
-                    await self._turn_to_sink(placement)
-                self.placement = placement
-                if not changed and placement.here:
-                    await self._follow_domain()
-                self._check_split_brain()
+            try:
+                await self._follow(placement)
+            except ReplicatorError as exc:
+                # One failed step must not end the following: the next tick tries again.
+                log.error("following where the domain runs: %s", exc)
+
+    async def _follow(self, placement: Placement) -> None:
+        """One tick: turn around if the placement changed, else follow the domain itself."""
+        async with self._lock:
+            changed = placement.here != self.placement.here
+            if changed and placement.here:
+                log.info("domain %s now %s: replicating it to the peer",
+                         self.cfg.domain.name, placement.describe())
+                self.placement = placement          # no stream into it from here on
+                await self._become_source()
+            elif changed:
+                log.info("domain %s now %s: keeping its shadow here",
+                         self.cfg.domain.name, placement.describe())
+                await self._turn_to_sink(placement)
+            self.placement = placement
+            if not changed and placement.here:
+                await self._follow_domain()
+            self._check_split_brain()
 
     def _waiting_for_domain(self, exc: Exception) -> None:
         if self._domain_absent is None:
@@ -170,7 +178,8 @@ class PeerNode:
         self._next_try = time.monotonic() + 2.0
         try:
             await self._become_source()
-        except DomainError as exc:
+        except ReplicatorError as exc:
+            # Shut off (also after a switch committed it here), or not usable yet.
             self._waiting_for_domain(exc)
             return
         if self._domain_absent is not None:
@@ -259,11 +268,13 @@ class PeerNode:
         kept = _verified_disks(src) if src is not None else None
         if src is not None:
             end_here = getattr(src.driver, "end_here", None)
-            if end_here is not None:
-                # A libvirt domain: keep its RAM file (libvirt removes it) as the shadow's
-                # image, then shut it off through libvirt.
-                await end_here(self.root / "ram0.img")
-            await src.stop(leave_domain_running=False)
+            try:
+                if end_here is not None:
+                    # A libvirt domain: keep its RAM file (libvirt removes it) as the shadow's
+                    # image, then shut it off through libvirt.
+                    await end_here(self.root / "ram0.img")
+            finally:
+                await src.stop(leave_domain_running=False)
         self.split_brain = None
         await self._forget_stale_shadow(placement, kept)
         await checkpoint("peer-shadow-ready")

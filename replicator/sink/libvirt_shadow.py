@@ -48,8 +48,8 @@ class LibvirtShadow(Shadow):
         self._lock = asyncio.Lock()
 
     async def _host(self) -> LibvirtHost:
-        if self._lv is None:
-            self._lv = await LibvirtHost.open(self.cfg.domain.libvirt.uri)
+        # Through open() each time: a connection libvirtd closed is replaced there.
+        self._lv = await LibvirtHost.open(self.cfg.domain.libvirt.uri)
         return self._lv
 
     # --- the definition ----------------------------------------------------------------------
@@ -102,6 +102,9 @@ class LibvirtShadow(Shadow):
         async with self._lock:
             if self.proc is not None and not self.proc._gone:
                 return
+            if self.proc is not None:
+                await self.proc.close()
+                self.proc = None
             await self._start(vm_description)
 
     async def _start(self, vm_description: bytes) -> None:
@@ -127,6 +130,8 @@ class LibvirtShadow(Shadow):
             ram_file = Path(await proc.execute("qom-get", {
                 "path": f"/objects/{LIBVIRT_RAM_BLOCK}", "property": "mem-path"}))
             started = time.monotonic()
+            await vmcheck.check_opened_files(
+                proc, {str(c.spec.path) for c in self.receiver.disks.copies})
             copied = store.adopt_image(RAM_BACKEND_ID, ram_file)
             log.info("shadow RAM is %s now (%d MiB of data copied in %.2f s)", ram_file,
                      copied >> 20, time.monotonic() - started)
@@ -142,13 +147,24 @@ class LibvirtShadow(Shadow):
         lv = await self._host()
         proc = await LibvirtQemu.attach(lv, self.name, self.workdir)
         state = await proc.status()
-        if state == "running":
+        if state == "running" or not await self._ours(dom, state):
             await proc.close()
-            raise DomainError(f"libvirt domain {self.name} runs on this host; it cannot be the "
-                              "shadow (a split brain? see replicator status)")
+            raise DomainError(f"libvirt domain {self.name} is {state} on this host, started by "
+                              "someone else than replicator; it cannot be the shadow (a split "
+                              "brain? see replicator status)")
         log.warning("ending libvirt domain %s (%s), a shadow an earlier run left", self.name,
                     state)
         await proc.destroy()
+
+    async def _ours(self, dom: Any, state: str) -> bool:
+        """Whether this run of the domain is one replicator made: a shadow (started with
+        ``-incoming``, waiting or loaded) or this host's VM after it handed itself over. A run
+        someone started by hand, even paused, is not ours to end."""
+        if state in ("inmigrate", "postmigrate"):
+            return True
+        lv = await self._host()
+        live = await lv.call("reading the domain XML", dom.XMLDesc, 0)
+        return "value='-incoming'" in live or 'value="-incoming"' in live
 
     async def load_device_state(self, data: bytes) -> None:
         if self.proc is None:
@@ -211,10 +227,11 @@ class LibvirtShadow(Shadow):
                                 self.name)
                 self.running = await proc.status() == "running"
                 return
-            if state == "running":
+            if state == "running" or not await self._ours(dom, state):
                 await proc.close()
-                log.critical("libvirt domain %s runs here while the peer has the domain; "
-                             "leaving it alone (see replicator status)", self.name)
+                log.critical("libvirt domain %s is %s here, started by hand, while the peer "
+                             "has the domain; leaving it alone (see replicator status)",
+                             self.name, state)
                 return
             if state == "postmigrate":
                 ram = await proc.execute("qom-get", {"path": f"/objects/{LIBVIRT_RAM_BLOCK}",

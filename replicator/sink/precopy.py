@@ -133,6 +133,12 @@ class PrecopySink:
                 await link.send(m.PrecopyReturn(session, msg))
 
     async def _release(self, link: Link) -> None:
+        # Before the device state can come: a Resume someone pressed on the waiting shadow
+        # (virt-manager, for a libvirt domain) only set QEMU's "start once loaded"; `stop`
+        # clears it, so the loaded shadow stays paused until the commit.
+        proc = self.shadow.proc
+        if proc is not None:
+            await proc.execute("stop")
         self.released = True
         log.info("precopy session %d: releasing the shadow's switchover ack", self.session)
         for msg in self.held:
@@ -146,6 +152,8 @@ class PrecopySink:
             await proc._wait_migration(60, "loading the relayed migration")
             while (state := await proc.status()) == "inmigrate":
                 await asyncio.sleep(0.002)
+            if state == "running":
+                await proc.execute("stop")          # never two running copies
             if state != "paused":
                 raise DomainError(f"shadow is {state!r} after loading, expected paused")
             self.switch.loaded = True

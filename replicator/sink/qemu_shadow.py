@@ -103,17 +103,7 @@ class QemuShadow(Shadow):
             raise
 
     async def _check_opened_files(self, spec: Any) -> None:
-        """QEMU re-reads each image header itself: make sure that, whatever a header said by
-        then (an external data file written in after our check), every file it opened is
-        one of this host's configured disks."""
-        allowed = {str(d.path) for d in spec.disks}
-        nodes = await self.proc.execute("query-named-block-nodes", {"flat": True})
-        opened = {n.get("image", {}).get("filename") or n.get("file", "") for n in nodes
-                  if n.get("drv") in ("file", "host_device")}
-        extra = sorted(f for f in opened if f and f not in allowed)
-        if extra:
-            raise DomainError(f"the shadow QEMU opened {extra}, which this host's config does "
-                              "not name as disks; refusing to use it")
+        await vmcheck.check_opened_files(self.proc, {str(d.path) for d in spec.disks})
 
     async def load_device_state(self, data: bytes) -> None:
         if self.proc is None:

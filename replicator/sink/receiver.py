@@ -79,6 +79,7 @@ class SinkReceiver:
         self._accept_task: asyncio.Task | None = None
         self._conn_tasks: set[asyncio.Task] = set()
         self._active: asyncio.Task | None = None      # the paired source's session
+        self._settling: asyncio.Task | None = None    # a session waiting in `settle`
         self._busy = asyncio.Lock()
         self.identity = identity_for(cfg)
         self._pinned = pinned_peer(cfg) if self.identity is not None else ""
@@ -155,11 +156,11 @@ class SinkReceiver:
         """End the paired source's session, if any, and wait until it is over."""
         if self.link is not None:
             await self.link.close()
-        elif self._active is not None and self._active is not asyncio.current_task():
-            # A session still waiting before it opened the store (parked in `settle` while
-            # the node turns around, which is what calls us): nothing to save, so end it now
-            # instead of waiting out its wait (the source reconnects at once).
-            self._active.cancel()
+        elif self._settling is not None and self._settling is self._active:
+            # A session parked in `settle` while the node turns around (which is what calls
+            # us): it opened nothing yet, so end it now instead of waiting out its wait (the
+            # source reconnects at once).
+            self._settling.cancel()
         async with self._busy:
             pass
 
@@ -315,7 +316,11 @@ class SinkReceiver:
         if self.settle is not None:
             # The node may be turning around (ending its VM, making its RAM and disks the
             # shadow): answer once it knows where the domain runs.
-            await self.settle()
+            self._settling = asyncio.current_task()
+            try:
+                await self.settle()
+            finally:
+                self._settling = None
         if self.domain_here():
             # Never a stream into a domain that runs here: tell the peer (it may be waiting
             # for a switch's outcome; or it runs the domain too: a split brain it reports).

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from ..config import Config, QemuConfig
-from ..errors import LayoutMismatch, ProtocolError
+from ..errors import DomainError, LayoutMismatch, ProtocolError
 from ..vmm.disks import DiskInfo
 from ..vmm.spec import RAM_BACKEND_ID
 from ..wire import messages as m
@@ -155,3 +155,16 @@ def check_offer(cfg: Config, hello: m.Hello) -> None:
             f"disks: the source's QEMU has {len(reported)} disk(s), this laptop's "
             f"domain.qemu.disks lists {len(d.qemu.disks)} copies (one per disk, in order; or "
             "none, to keep them in the state directory)")
+
+
+async def check_opened_files(proc: Any, allowed: set[str]) -> None:
+    """QEMU re-reads each image header itself: make sure that, whatever a header said by
+    then (an external data file written in after our check), every file it opened is one of
+    this host's disks (``allowed``)."""
+    nodes = await proc.execute("query-named-block-nodes", {"flat": True})
+    opened = {n.get("image", {}).get("filename") or n.get("file", "") for n in nodes
+              if n.get("drv") in ("file", "host_device")}
+    extra = sorted(f for f in opened if f and f not in allowed)
+    if extra:
+        raise DomainError(f"the shadow QEMU opened {extra}, which this host's config does "
+                          "not name as disks; refusing to use it")

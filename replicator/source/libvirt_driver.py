@@ -43,8 +43,12 @@ class LibvirtDriver(QemuDriver):
             live = await host.call("reading the domain XML", dom.XMLDesc, 0)
             facts(live, what="libvirt domain")          # refuses without shared RAM
             proc = await LibvirtQemu.attach(host, name, workdir)
-            await settle_leftover_migration(proc)
-            drv = await cls.from_process(cfg, proc, LIBVIRT_RAM_BLOCK)
+            try:
+                await settle_leftover_migration(proc)
+                drv = await cls.from_process(cfg, proc, LIBVIRT_RAM_BLOCK)
+            except BaseException:
+                await proc.close()                      # its event callbacks
+                raise
         except BaseException:
             await host.close()
             raise
@@ -79,6 +83,12 @@ class LibvirtDriver(QemuDriver):
     async def end_here(self, keep_ram_at: Path) -> None:
         """The domain runs on the peer now: keep this host's RAM file as the shadow's image
         (``keep_ram_at``), then end the paused QEMU through libvirt (shut off, still defined)."""
+        if self.proc.returncode is not None:
+            # Already shut off (by its user, say): libvirt removed the RAM file with it, so
+            # the peer sends what differs from whatever the shadow image holds.
+            log.warning("libvirt domain %s was already shut off; its RAM could not be kept",
+                        self.proc.name)
+            return
         state = await self.proc.status()
         if state == "running":
             raise DomainError(f"libvirt domain {self.proc.name} runs; not ending it")

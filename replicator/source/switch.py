@@ -188,6 +188,12 @@ class Switcher:
         async with self._lock:
             if self.handed_over:
                 raise HandedOver("this node already handed the domain over; it runs on the peer")
+            if not await self.driver.is_running():
+                # Paused by its user (virt-manager) or stopped by itself: a rollback must not
+                # resume what replicator did not pause, and QEMU has no held-open migration of
+                # a stopped VM. Resume it, then switch.
+                raise SwitchError("the domain is paused here, not by replicator; resume it, "
+                                  "then switch", rolled_back=False)
             report = SwitchReport(uuid.uuid4().hex[:12], mode, peer=self.rep.sink_node)
             self.current = report
             mt = self.rep.metrics

@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,8 @@ class LibvirtHost:
         self.uri = uri
         self.conn = conn
         self._pool = pool
+        #: The QEMUs attached through this connection (marked gone if it closes).
+        self.attached: weakref.WeakSet[LibvirtQemu] = weakref.WeakSet()
         self.libvirt, self.libvirt_qemu = libvirt_modules()
 
     @classmethod
@@ -120,6 +123,20 @@ class LibvirtHost:
             raise LibvirtError(f"cannot connect to libvirt at {uri}: {exc} (is libvirtd "
                                "running, and may this user use it?)") from None
         host = _hosts[uri] = cls(uri, conn, pool)
+
+        def on_close(_conn: Any, reason: int, _opaque: Any) -> None:
+            # libvirtd restarted (a package upgrade) or the keepalive gave up: this connection
+            # is dead. The next open() connects anew; every QEMU attached through this one is
+            # treated as gone, so its users attach again (the domains themselves run on).
+            if _hosts.get(uri) is host:
+                del _hosts[uri]
+            for qemu in list(host.attached):
+                qemu._gone = True
+            log.warning("the connection to libvirt (%s) closed (reason %d); reconnecting",
+                        uri, reason)
+
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.registerCloseCallback(on_close, None)
         return host
 
     async def call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -200,6 +217,7 @@ class LibvirtQemu(QemuProcess):
             raise DomainError(f"libvirt domain {name!r} is shut off")
         run_id = await host.call("reading the domain's id", dom.ID)
         self = cls(host, dom, name, workdir)
+        host.attached.add(self)
         await self._register_events()
         # A stop (and a new start) before the events were registered would go unnoticed:
         # libvirt numbers each run of a domain, so the run must still be the one we saw.
@@ -389,9 +407,13 @@ class LibvirtQemu(QemuProcess):
     async def destroy(self) -> None:
         """End the domain's QEMU through libvirt (``virsh destroy``); the definition stays."""
         await self._deregister_events()
-        with contextlib.suppress(LibvirtError):
-            if await self.is_active():
-                await self.lv.call(f"destroying {self.name}", self.dom.destroy)
+        lv = self.lv.libvirt
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.lv._pool, self.dom.destroy)
+        except lv.libvirtError as exc:
+            if exc.get_error_code() != lv.VIR_ERR_OPERATION_INVALID:   # not running: fine
+                raise LibvirtError(f"libvirt ({self.lv.uri}): destroying {self.name} failed: "
+                                   f"{exc}") from None
         self._gone = True
         self._closed = True
         self._event_log.cancel_waiters()

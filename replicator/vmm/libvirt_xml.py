@@ -141,6 +141,16 @@ def laptop_definition(desktop_xml: str, *, name: str, uuid: str | None,
         if devices.find(tag) is not None:
             raise DomainError(f"the desktop's domain passes a host resource through (<{tag}>); "
                               "define the domain on the laptop yourself")
+    for el in devices.findall("interface"):
+        if el.get("type") not in _INTERFACES:
+            raise DomainError(f"the desktop's domain has an interface of type "
+                              f"{el.get('type')!r} (a host device or a socket it chose); "
+                              "define the domain on the laptop yourself")
+    for tag in ("serial", "console", "channel", "parallel"):
+        for el in devices.findall(tag):
+            if el.get("type") in ("tcp", "udp"):
+                raise DomainError(f"the desktop's domain connects a <{tag}> to a network "
+                                  "address it chose; define the domain on the laptop yourself")
     allowed: set[str] = set()
     wanted = [d for d in devices.findall("disk") if d.get("device", "disk") == "disk"]
     if len(wanted) != len(disks):
@@ -194,6 +204,10 @@ def laptop_definition(desktop_xml: str, *, name: str, uuid: str | None,
     return ET.tostring(root, encoding="unicode")
 
 
+#: Interface types that name no host device or socket of the desktop's choosing.
+_INTERFACES = {"network", "bridge", "user", "ethernet"}
+#: Attributes of a <source> that name a host resource in any form (relative names too).
+_RESOURCE_ATTRS = {"file", "path", "dir", "dev", "script", "socket"}
 #: Host paths any VM may name: the entropy sources of a virtio-rng (libvirt allows only these).
 _HARMLESS = {"/dev/urandom", "/dev/random", "/dev/hwrng"}
 #: Where text may start with "/" without naming a host file (the guest's own words).
@@ -206,7 +220,14 @@ def _refuse_other_paths(root: ET.Element, allowed: set[str]) -> None:
     def walk(el: ET.Element) -> None:
         if el.tag in _FREE_TEXT:
             return
-        values = [(f"{k}=", v) for k, v in el.attrib.items() if el.tag != "target"]
+        attrs = {} if el.tag == "target" else el.attrib
+        for k, v in attrs.items():
+            resource = k == "script" or (el.tag == "source" and k in _RESOURCE_ATTRS)
+            if resource and v and v not in allowed and v not in _HARMLESS:
+                raise DomainError(f"the desktop's domain names the host resource {v!r} "
+                                  f"(<{el.tag} {k}=...>); the laptop does not open what its "
+                                  "peer chose: define the domain on the laptop yourself")
+        values = [(f"{k}=", v) for k, v in attrs.items()]
         values.append(("", (el.text or "").strip()))
         for what, value in values:
             if value.startswith("/") and value not in allowed and value not in _HARMLESS:

@@ -229,6 +229,9 @@ class QemuMigration:
         """Shadow: start the incoming precopy and return the connected socket the relay writes
         the stream into (QEMU listens on ``sock_path``, or, where QEMU cannot reach our files,
         reads a socket pair's end passed to it)."""
+        state = await self.vm.status()
+        if state != "inmigrate":            # before any descriptor is handed to QEMU
+            raise QemuError(f"QEMU {self.name} is {state!r}, not waiting for a migration")
         uri, sock = await self.vm.incoming_endpoint(sock_path)
         try:
             await self.start_precopy_incoming(uri)
