@@ -75,6 +75,19 @@ class LibvirtDriver(QemuDriver):
             return
         await self.proc.resume_domain()
 
+    async def after_interference(self) -> None:
+        """After a held-open migration ended: if libvirt's own operation (a memory dump, say)
+        paused the VM and then failed to resume it because QEMU was finishing our migration
+        meanwhile ("paused (api error)"), resume it as libvirt meant to. A VM its user paused
+        stays paused."""
+        lv = self.lv.libvirt
+        state, reason = await self.lv.call("reading the domain state", self.proc.dom.state)
+        if state == lv.VIR_DOMAIN_PAUSED and reason == lv.VIR_DOMAIN_PAUSED_API_ERROR:
+            log.warning("libvirt could not resume domain %s after its own operation (QEMU was "
+                        "finishing replicator's held-open migration); resuming it now",
+                        self.proc.name)
+            await self.proc.resume_domain()
+
     async def vm_description(self) -> dict[str, Any]:
         desc = await super().vm_description()
         desc["libvirt_xml"] = self.xml

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from ..config import PAGE_SIZE
-from ..errors import PeerError, ProtocolError, QemuError
+from ..errors import DomainError, PeerError, ProtocolError, QemuError
 from ..link import Link
 from ..wire import messages as m
 from ..wire.codec import encode
@@ -189,6 +189,10 @@ class PrecopyStream:
             if info.get("status") not in ("completed", "failed", "cancelled", "none", None):
                 await proc.execute("migrate_cancel")
         await self.throttle.undo()           # `replicator pause` leaves QEMU as it was
+        settle = getattr(self.rep.driver, "after_interference", None)
+        if settle is not None:
+            with contextlib.suppress(QemuError, DomainError):
+                await settle()
 
     # --- the stream ------------------------------------------------------------------------------
 
