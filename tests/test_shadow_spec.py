@@ -270,3 +270,16 @@ async def test_bad_region_name_does_not_wedge_the_store(shm_dir):
         await wait_until(lambda: pair.source.rep.ledger.acked_epoch >= 1, 30, "an acked epoch")
     finally:
         await stop(pair)
+
+
+def test_check_offer_refuses_a_libvirt_qemu_mix():
+    desc = pack({"ram_bytes": RAM, "libvirt_xml": "<domain type='kvm'/>"})
+    hello = m.Hello(1, "desk", "vm", (m.RegionInfo("ram0", RAM),), vm=desc)
+    qemu = load_config({"node": {"role": "sink"}, "domain": {"name": "vm", "driver": "qemu"}})
+    with pytest.raises(LayoutMismatch, match="both hosts must use the same driver"):
+        vmcheck.check_offer(qemu, hello)
+    lv = load_config({"node": {"role": "sink"}, "domain": {"name": "vm", "driver": "libvirt"}})
+    vmcheck.check_offer(lv, hello)
+    plain = m.Hello(1, "desk", "vm", (m.RegionInfo("ram0", RAM),), vm=pack({"ram_bytes": RAM}))
+    with pytest.raises(LayoutMismatch, match="not a libvirt domain"):
+        vmcheck.check_offer(lv, plain)

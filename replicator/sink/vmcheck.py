@@ -148,6 +148,12 @@ def check_offer(cfg: Config, hello: m.Hello) -> None:
         raise LayoutMismatch(f"a QEMU domain has one region {RAM_BACKEND_ID!r}; the source "
                              f"offers {names}")
     desc = parse_description(hello.vm)
+    if bool(desc.get("libvirt_xml")) != (d.driver == "libvirt") and desc:
+        # QEMU calls the RAM block "pc.ram" under libvirt and "ram0" in VMs replicator
+        # launches: the device state of one cannot load into the other.
+        raise LayoutMismatch(f"the source's VM is {'' if desc.get('libvirt_xml') else 'not '}"
+                             f"a libvirt domain, this host's domain.driver is {d.driver!r}; "
+                             "both hosts must use the same driver")
     peer_values(d.qemu, desc, hello.regions[0].size)
     reported = desc.get("disks")
     if reported is not None and d.qemu.disks and len(d.qemu.disks) != len(reported):
