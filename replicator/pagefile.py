@@ -116,9 +116,16 @@ def copy_data(src: int, dst: int, size: int) -> int:
     for start, end in data_extents(src, size):
         off = start
         while off < end:
-            n = os.copy_file_range(src, dst, end - off, off, off)
+            try:
+                n = os.copy_file_range(src, dst, min(end - off, 1 << 30), off, off)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                # Another file system (or a kernel that cannot): through user space.
+                data = os.pread(src, min(end - off, 4 << 20), off)
+                n = os.pwrite(dst, data, off) if data else 0
             if n <= 0:
-                raise OSError(errno.EIO, "copy_file_range copied nothing")
+                raise OSError(errno.EIO, "copying a page file's data copied nothing")
             off += n
         copied += end - start
     return copied

@@ -222,3 +222,26 @@ def test_adopt_image_does_not_hold_replaced_images(tmp_path: Path):
     finally:
         store.close()
     assert not deleted_files_open(tmp_path)
+
+
+def test_pages_written_during_a_threaded_adoption_reach_the_new_image(tmp_path: Path):
+    """The libvirt shadow copies in a thread while pages keep arriving: a page written after
+    the bulk copy passed it must still be in the new image (finish_adopt copies it again)."""
+    root = tmp_path / "state" / "lap"
+    store = ShadowStore.open(root, [RAM0])
+    try:
+        commit(store, 1, FIRST)
+        target = fresh_file(tmp_path / "libvirt" / "pc.ram")
+        dst = store.begin_adopt("ram0", target)
+        assert dst is not None
+        copied = store.copy_for_adopt("ram0", dst)          # the bulk copy, done
+        late = {1: page(11), 7: page(7)}                      # arrive after it
+        commit(store, 2, late)
+        store.finish_adopt("ram0", target, dst)
+        assert copied == 4 * PAGE_SIZE
+        assert target.read_bytes() == expected_image({**FIRST, **late})
+        assert os.path.samefile(root / "ram0.img", target)
+        commit(store, 3, {3: page(3)})                        # and writes go there now
+        assert target.read_bytes() == expected_image({**FIRST, **late, 3: page(3)})
+    finally:
+        store.close()

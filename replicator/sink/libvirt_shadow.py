@@ -132,7 +132,16 @@ class LibvirtShadow(Shadow):
             started = time.monotonic()
             await vmcheck.check_opened_files(
                 proc, {str(c.spec.path) for c in self.receiver.disks.copies})
-            copied = store.adopt_image(RAM_BACKEND_ID, ram_file)
+            # The bulk copy in a thread (pages may keep arriving; they are copied again).
+            copied = 0
+            dst = store.begin_adopt(RAM_BACKEND_ID, ram_file)
+            if dst is not None:
+                try:
+                    copied = await asyncio.to_thread(store.copy_for_adopt, RAM_BACKEND_ID, dst)
+                except BaseException:
+                    store.abandon_adopt(RAM_BACKEND_ID, dst)
+                    raise
+                store.finish_adopt(RAM_BACKEND_ID, ram_file, dst)
             log.info("shadow RAM is %s now (%d MiB of data copied in %.2f s)", ram_file,
                      copied >> 20, time.monotonic() - started)
             await proc.prepare_load()

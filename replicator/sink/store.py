@@ -96,6 +96,7 @@ class ShadowStore:
         self.running_since = 0.0
         self.forced = False
         self._images = dict(images or {})
+        self._adopting: dict[str, list[np.ndarray]] = {}     # region -> pages written meanwhile
 
         self._journal_fd = -1
         self._journal_size = 0
@@ -397,6 +398,8 @@ class ShadowStore:
                     self._pwrite_all(r.fd, zeros, p * PAGE_SIZE)
         except OSError as exc:
             raise _store_error(f"writing region {region!r}", exc) from None
+        if region in self._adopting:
+            self._adopting[region].append(idx.copy())    # copied again when adopting ends
         staged = self._pending.setdefault(r.index, [])
         if batch.zero.size:
             staged.append((batch.zero, np.full(len(batch.zero), ZERO_HASH, dtype=np.uint64)))
@@ -461,11 +464,27 @@ class ShadowStore:
         libvirt gives a shadow domain) region ``name``'s image: the image's data is copied
         into it, the store's own name for the image becomes a hard link to it (so the data
         outlives that program removing ``path``), and writes go there from now on. Returns the
-        bytes copied (0 when ``path`` is the image already)."""
+        bytes copied (0 when ``path`` is the image already). In three steps for a caller that
+        copies in a thread while pages keep arriving: :meth:`begin_adopt`,
+        :meth:`copy_for_adopt` (any thread), :meth:`finish_adopt`."""
+        dst = self.begin_adopt(name, path)
+        if dst is None:
+            return 0
+        try:
+            copied = self.copy_for_adopt(name, dst)
+        except BaseException:
+            self.abandon_adopt(name, dst)
+            raise
+        self.finish_adopt(name, path, dst)
+        return copied
+
+    def begin_adopt(self, name: str, path: Path) -> int | None:
+        """Open ``path`` for :meth:`adopt_image` and start noting the pages written meanwhile;
+        None when it is the image already."""
         r = self.regions[name]
         try:
             if os.path.samefile(path, r.path):
-                return 0
+                return None
             dst = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             raise _store_error(f"moving region {name!r} to {path}", exc) from None
@@ -476,7 +495,35 @@ class ShadowStore:
                 # Not empty after all (a RAM file left by a crash, say): our holes must read
                 # as zero there too.
                 punch_hole(dst, 0, r.info.size)
-            copied = copy_data(r.fd, dst, r.info.size)
+        except OSError as exc:
+            os.close(dst)
+            raise _store_error(f"moving region {name!r} to {path}", exc) from None
+        self._adopting[name] = []
+        return dst
+
+    def copy_for_adopt(self, name: str, dst: int) -> int:
+        """The bulk copy (safe in a thread: pages written meanwhile are noted and copied
+        again by :meth:`finish_adopt`)."""
+        r = self.regions[name]
+        try:
+            return copy_data(r.fd, dst, r.info.size)
+        except OSError as exc:
+            raise _store_error(f"moving region {name!r} (copying it)", exc) from None
+
+    def abandon_adopt(self, name: str, dst: int) -> None:
+        self._adopting.pop(name, None)
+        os.close(dst)
+
+    def finish_adopt(self, name: str, path: Path, dst: int) -> None:
+        """Copy the pages written since :meth:`begin_adopt` again, then switch the image to
+        ``path``. Must run where page writes run (no write can come in between)."""
+        r = self.regions[name]
+        written = self._adopting.pop(name, [])
+        try:
+            if written:
+                for page in np.unique(np.concatenate(written)).tolist():
+                    off = page * PAGE_SIZE
+                    self._pwrite_all(dst, os.pread(r.fd, PAGE_SIZE, off), off)
             tmp = r.path.with_name(r.path.name + ".link")
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -491,7 +538,6 @@ class ShadowStore:
             raise _store_error(f"moving region {name!r} to {path}", exc) from None
         finally:
             os.close(dst)
-        return copied
 
     def rehash(self) -> None:
         """Rebuild every page hash from the images themselves (O(RAM); crash recovery)."""
