@@ -18,7 +18,6 @@ shutdown, un-fsync'd announcements may be lost too, so the images are re-hashed 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -34,7 +33,8 @@ import xxhash
 from ..config import PAGE_SIZE
 from ..durable import atomic_write, fsync_dir
 from ..errors import StoreError
-from ..pagefile import CHUNK_PAGES, copy_data, digest_hashes, hash_file, punch_hole
+from ..pagefile import CHUNK_PAGES, digest_hashes, hash_file
+from .store_adopt import AdoptImage
 from ..wire.messages import RegionInfo
 from ..wire.pages import ZERO_HASH, DecodedBatch
 
@@ -83,7 +83,7 @@ class _Region:
         return self.info.size // PAGE_SIZE
 
 
-class ShadowStore:
+class ShadowStore(AdoptImage):
     """Per-region shadow images plus a crash-safe per-page manifest."""
 
     def __init__(self, root: Path, regions: list[RegionInfo],
@@ -458,86 +458,6 @@ class ShadowStore:
 
     def digests(self) -> tuple[bytes, ...]:
         return tuple(digest_hashes(r.hashes) for r in self.regions.values())
-
-    def adopt_image(self, name: str, path: Path) -> int:
-        """Make ``path`` (a fresh, empty file another program created, such as the RAM file
-        libvirt gives a shadow domain) region ``name``'s image: the image's data is copied
-        into it, the store's own name for the image becomes a hard link to it (so the data
-        outlives that program removing ``path``), and writes go there from now on. Returns the
-        bytes copied (0 when ``path`` is the image already). In three steps for a caller that
-        copies in a thread while pages keep arriving: :meth:`begin_adopt`,
-        :meth:`copy_for_adopt` (any thread), :meth:`finish_adopt`."""
-        dst = self.begin_adopt(name, path)
-        if dst is None:
-            return 0
-        try:
-            copied = self.copy_for_adopt(name, dst)
-        except BaseException:
-            self.abandon_adopt(name, dst)
-            raise
-        self.finish_adopt(name, path, dst)
-        return copied
-
-    def begin_adopt(self, name: str, path: Path) -> int | None:
-        """Open ``path`` for :meth:`adopt_image` and start noting the pages written meanwhile;
-        None when it is the image already."""
-        r = self.regions[name]
-        try:
-            if os.path.samefile(path, r.path):
-                return None
-            dst = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _store_error(f"moving region {name!r} to {path}", exc) from None
-        try:
-            if os.fstat(dst).st_size != r.info.size:
-                os.ftruncate(dst, r.info.size)
-            if os.fstat(dst).st_blocks:
-                # Not empty after all (a RAM file left by a crash, say): our holes must read
-                # as zero there too.
-                punch_hole(dst, 0, r.info.size)
-        except OSError as exc:
-            os.close(dst)
-            raise _store_error(f"moving region {name!r} to {path}", exc) from None
-        self._adopting[name] = []
-        return dst
-
-    def copy_for_adopt(self, name: str, dst: int) -> int:
-        """The bulk copy (safe in a thread: pages written meanwhile are noted and copied
-        again by :meth:`finish_adopt`)."""
-        r = self.regions[name]
-        try:
-            return copy_data(r.fd, dst, r.info.size)
-        except OSError as exc:
-            raise _store_error(f"moving region {name!r} (copying it)", exc) from None
-
-    def abandon_adopt(self, name: str, dst: int) -> None:
-        self._adopting.pop(name, None)
-        os.close(dst)
-
-    def finish_adopt(self, name: str, path: Path, dst: int) -> None:
-        """Copy the pages written since :meth:`begin_adopt` again, then switch the image to
-        ``path``. Must run where page writes run (no write can come in between)."""
-        r = self.regions[name]
-        written = self._adopting.pop(name, [])
-        try:
-            if written:
-                for page in np.unique(np.concatenate(written)).tolist():
-                    off = page * PAGE_SIZE
-                    self._pwrite_all(dst, os.pread(r.fd, PAGE_SIZE, off), off)
-            tmp = r.path.with_name(r.path.name + ".link")
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            os.link(path, tmp)
-            os.replace(tmp, r.path)
-            fsync_dir(r.path.parent)
-            # The region's descriptor number now names the new file (the old file's
-            # description is closed by dup2): an epoch's commit fsyncing it in a thread
-            # meanwhile syncs one or the other, never a closed descriptor.
-            os.dup2(dst, r.fd)
-        except OSError as exc:
-            raise _store_error(f"moving region {name!r} to {path}", exc) from None
-        finally:
-            os.close(dst)
 
     def rehash(self) -> None:
         """Rebuild every page hash from the images themselves (O(RAM); crash recovery)."""
