@@ -27,6 +27,7 @@ from ..vmm.libvirt import LibvirtError, LibvirtHost, LibvirtQemu, keep_file
 from ..vmm.libvirt_xml import LIBVIRT_RAM_BLOCK, facts, laptop_definition, with_incoming
 from ..vmm.spec import RAM_BACKEND_ID
 from . import vmcheck
+from .qemu_shadow import load_paused, record_disk_writes
 from .receiver import SinkReceiver
 from .switch import Shadow
 
@@ -178,22 +179,11 @@ class LibvirtShadow(Shadow):
     async def load_device_state(self, data: bytes) -> None:
         if self.proc is None:
             raise DomainError("shadow domain is not running")
-        # Someone may have pressed "Resume" on the paused shadow in virt-manager: on a QEMU
-        # still waiting for its state that only sets "start when loaded". `stop` clears it, so
-        # the loaded VM stays paused until the commit, as the two-phase switch needs.
-        await self.proc.execute("stop")
-        result = await self.proc.load_device_state(data)
-        if result.status != "paused":
-            raise DomainError(f"shadow is {result.status!r} after loading, expected paused")
+        await load_paused(self.proc, data)
 
     async def track_disks(self, generation: int) -> None:
-        if self.proc is None:
-            return
-        from ..vmm.bitmaps import DirtyTracking
-        try:
-            await DirtyTracking(self.proc).add_recording(generation)
-        except QemuError as exc:
-            log.warning("could not start disk write tracking before resuming: %s", exc)
+        if self.proc is not None:
+            await record_disk_writes(self.proc, generation)
 
     async def run(self) -> float:
         if self.proc is None:

@@ -43,6 +43,28 @@ def _reachable(path: Path) -> None:
         raise DomainError(f"disk copy {path} is not readable and writable here")
 
 
+async def load_paused(proc: Any, data: bytes) -> None:
+    """Load the switch's device state into a waiting shadow, which must stay paused."""
+    # A Resume someone pressed on the waiting shadow (virt-manager, for a libvirt domain) only
+    # set QEMU's "start once loaded"; `stop` clears it, so the loaded VM stays paused until
+    # the commit, as the two-phase switch needs.
+    await proc.execute("stop")
+    result = await proc.load_device_state(data)
+    if result.status != "paused":
+        raise DomainError(f"shadow is {result.status!r} after loading, expected paused")
+
+
+async def record_disk_writes(proc: Any, generation: int) -> None:
+    """Record the guest's disk writes from before it resumes (a bitmap of ``generation``):
+    the way back then sends only the blocks written since."""
+    from ..vmm.bitmaps import DirtyTracking
+    try:
+        await DirtyTracking(proc).add_recording(generation)
+    except QemuError as exc:
+        # Not fatal: the way back then compares every block (sending only differences).
+        log.warning("could not start disk write tracking before resuming: %s", exc)
+
+
 class QemuShadow(Shadow):
     def __init__(self, cfg: Config, receiver: SinkReceiver):
         self.cfg = cfg
@@ -108,21 +130,11 @@ class QemuShadow(Shadow):
     async def load_device_state(self, data: bytes) -> None:
         if self.proc is None:
             raise DomainError("shadow QEMU is not running")
-        result = await self.proc.load_device_state(data)
-        if result.status != "paused":
-            raise DomainError(f"shadow is {result.status!r} after loading, expected paused")
+        await load_paused(self.proc, data)
 
     async def track_disks(self, generation: int) -> None:
-        """Record the guest's disk writes from before it resumes (a bitmap of
-        ``generation``): the way back then sends only the blocks written since."""
-        if self.proc is None:
-            return
-        from ..vmm.bitmaps import DirtyTracking
-        try:
-            await DirtyTracking(self.proc).add_recording(generation)
-        except QemuError as exc:
-            # Not fatal: the way back then compares every block (sending only differences).
-            log.warning("could not start disk write tracking before resuming: %s", exc)
+        if self.proc is not None:
+            await record_disk_writes(self.proc, generation)
 
     async def run(self) -> float:
         if self.proc is None:
