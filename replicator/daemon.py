@@ -13,6 +13,7 @@ import socket
 import time
 from pathlib import Path
 
+from .aio import wait_for
 from .config import Config
 from .control.api import load_or_create_token, start_api
 from .errors import ConfigError
@@ -83,6 +84,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, reload)
+        loop.add_signal_handler(signal.SIGUSR1, log_stacks)
     sd_notify("READY=1\nSTATUS=replicating")
     if ready is not None:
         ready.set()
@@ -96,7 +98,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
                 sd_notify("WATCHDOG=1")
                 last_ping = now
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
+                await wait_for(stop.wait(), 0.5)
     finally:
         sd_notify("STOPPING=1")
         log.info("stopping")
@@ -104,4 +106,25 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
         await node.stop(leave_domain_running=True)
 
 
-__all__ = ["make_node", "serve", "sd_notify"]
+def log_stacks() -> None:
+    """SIGUSR1: log where every asyncio task and thread is (a daemon that seems stuck says
+    what it waits for, without a debugger on the user's host)."""
+    import io
+    import sys
+    import threading
+    import traceback
+
+    out = io.StringIO()
+    tasks = asyncio.all_tasks()
+    out.write(f"SIGUSR1: {len(tasks)} asyncio task(s), {threading.active_count()} thread(s)\n")
+    for task in sorted(tasks, key=lambda t: t.get_name()):
+        out.write(f"--- task {task.get_name()} ({task.get_coro()!r})\n")
+        task.print_stack(limit=12, file=out)
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        out.write(f"--- thread {names.get(ident, ident)}\n")
+        out.write("".join(traceback.format_stack(frame, limit=12)))
+    log.warning("%s", out.getvalue())
+
+
+__all__ = ["log_stacks", "make_node", "serve", "sd_notify"]

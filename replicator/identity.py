@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from .aio import wait_for
 from .durable import atomic_write
 from .errors import PeerError, ReplicatorError
 from .wire.codec import PRE_AUTH_MAX_FRAME
@@ -259,14 +260,12 @@ def pinned_peer(cfg) -> str:
 
 async def authenticate_to_server(link, identity: Identity, pinned: str, timeout: float) -> None:
     """Client side: check the server's pinned ID, then prove ours."""
-    import asyncio
-
     from .errors import PeerRejected
     from .wire import messages as m
     presented = peer_id_of(link.writer.get_extra_info("ssl_object"))
     if presented != pinned:
         raise PeerRejected(f"{link.peer} presented ID {presented}, not the paired peer {pinned}")
-    challenge = await asyncio.wait_for(link.recv(PRE_AUTH_MAX_FRAME), timeout)
+    challenge = await wait_for(link.recv(PRE_AUTH_MAX_FRAME), timeout)
     if not isinstance(challenge, m.AuthChallenge) or len(challenge.nonce) != 32:
         raise PeerError(f"expected an authentication challenge from {link.peer}")
     if challenge.server_id != pinned:
@@ -281,14 +280,12 @@ async def authenticate_client(link, identity: Identity, pinned: str, timeout: fl
     Until it has proven that, the client is a stranger: its one frame may hold only
     PRE_AUTH_MAX_FRAME bytes (the receiver also bounds the connection's time and number).
     """
-    import asyncio
-
     from .errors import FrameTooLarge, PeerRejected
     from .wire import messages as m
     nonce = os.urandom(32)
     await link.send(m.AuthChallenge(nonce, identity.node_id))
     try:
-        proof = await asyncio.wait_for(link.recv(PRE_AUTH_MAX_FRAME), timeout)
+        proof = await wait_for(link.recv(PRE_AUTH_MAX_FRAME), timeout)
     except FrameTooLarge as exc:
         raise FrameTooLarge(f"{exc} bytes before authentication") from None
     if not isinstance(proof, m.AuthProof):

@@ -10,6 +10,7 @@ import asyncio
 import time
 from typing import Any
 
+from .aio import wait_for
 from .errors import FrameTooLarge, LinkClosed
 from .wire.codec import HEADER, decode_body, encode
 
@@ -91,6 +92,6 @@ class Link:
         if not self.writer.is_closing():
             self.writer.close()
         try:
-            await asyncio.wait_for(self.writer.wait_closed(), 2)
+            await wait_for(self.writer.wait_closed(), 2)
         except (asyncio.TimeoutError, ConnectionError, OSError):
             pass

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,13 @@ class Daemon:
             if line.startswith(name + " "):
                 return float(line.split()[1])
         return 0.0
+
+    def log_stacks(self) -> None:
+        """Ask a live daemon to log its tasks' and threads' stacks (SIGUSR1), for a failure's
+        log dump."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.5)
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -154,8 +154,14 @@ class LibvirtPair:
 
     def dump_logs(self) -> None:
         for dm in (self.src, self.snk):
+            before = dm.log.stat().st_size if dm.log.exists() else 0
+            dm.log_stacks()
+            data = dm.log.read_bytes()
             print(f"\n===== {dm.name} daemon log (tail) =====")
-            print("\n".join(dm.log.read_text(errors="replace").splitlines()[-80:]))
+            print("\n".join(data[:before].decode(errors="replace").splitlines()[-80:]))
+            if len(data) > before:
+                print(f"===== {dm.name} daemon stacks =====\n"
+                      + data[before:].decode(errors="replace"))
 
     def stop(self) -> None:
         for dm in (self.src, self.snk):

@@ -931,7 +931,7 @@ def test_daemon_sd_notify_ready_watchdog_stopping(tmp_path, daemons):
     assert d.proc.wait(timeout=5) == 0, d.log()
 
 
-def test_daemon_sighup_reloads_bandwidth_limit(tmp_path, daemons):
+def test_daemon_sighup_reloads_bandwidth_limit_and_sigusr1_logs_stacks(tmp_path, daemons):
     port = free_port()
     sink_cfg, source_cfg = write_configs(tmp_path, port, bandwidth="10MB")
     sink = daemons(sink_cfg)
@@ -956,6 +956,12 @@ def test_daemon_sighup_reloads_bandwidth_limit(tmp_path, daemons):
     assert "stream.bandwith_limit" in line, line
     assert api_get(tmp_path / "source", "/api/v1/status")["peer"]["connected"]
     assert "reloaded: bandwidth_limit=30000000" not in source.log()
+
+    # SIGUSR1 logs where every task and thread is, and the daemon goes on.
+    source.proc.send_signal(signal.SIGUSR1)
+    source.wait_log(r"SIGUSR1: \d+ asyncio task")
+    assert "--- task" in source.log() and "--- thread MainThread" in source.log(), source.log()
+    assert api_get(tmp_path / "source", "/api/v1/status")["peer"]["connected"]
 
     assert source.stop() == 0, source.log()
     assert sink.stop() == 0, sink.log()

@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 from aiohttp import web
 
+from ..aio import wait_for
 from ..errors import ConfigError, ReplicatorError, SwitchError, SwitchInProgress
 from ..metrics import CpuUse
 from . import security
@@ -190,7 +191,7 @@ def make_app(node: Node, token: str, token_file: str | None = None, *,
         probe = getattr(node, "domain_state", None)
         if probe is not None:
             try:
-                st["domain_state"] = await asyncio.wait_for(probe(), 2)
+                st["domain_state"] = await wait_for(probe(), 2)
             except (ReplicatorError, asyncio.TimeoutError, OSError) as exc:
                 st["domain_state"] = f"unknown ({exc or 'timeout'})"
         return web.json_response(st)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from ..aio import wait_for
 from ..config import Config, parse_address
 from ..errors import (IntegrityError, LayoutMismatch, PeerError, ProtocolError, ReplicatorError,
                       StoreError)
@@ -227,7 +228,7 @@ class SinkReceiver:
             if self.link is not None:
                 await self.link.close()
             try:
-                await asyncio.wait_for(self._busy.acquire(), self.cfg.peer.timeout)
+                await wait_for(self._busy.acquire(), self.cfg.peer.timeout)
             except asyncio.TimeoutError:
                 await _reject(link, "another source is already replicating this domain")
                 return
@@ -244,18 +245,18 @@ class SinkReceiver:
                 self.metrics.frames_rejected.inc()
                 log.warning("%s", self.last_error)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(link.send(m.ErrorMessage(str(exc))), 1)
+                    await wait_for(link.send(m.ErrorMessage(str(exc))), 1)
             except StoreError as exc:
                 self.last_error = str(exc)
                 self.metrics.store_errors.inc()
                 log.error("%s", exc)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(link.send(m.ErrorMessage(str(exc))), 1)
+                    await wait_for(link.send(m.ErrorMessage(str(exc))), 1)
             except ReplicatorError as exc:
                 self.last_error = str(exc)
                 log.error("session with %s failed: %s", link.peer, exc)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(link.send(m.ErrorMessage(str(exc))), 1)
+                    await wait_for(link.send(m.ErrorMessage(str(exc))), 1)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -301,7 +302,7 @@ class SinkReceiver:
         return ShadowStore.open(self.root, offered, self.images)
 
     async def _session(self, link: Link) -> None:
-        hello = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
+        hello = await wait_for(link.recv(), self.cfg.peer.timeout)
         if not isinstance(hello, m.Hello):
             raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
         if hello.version != m.PROTOCOL_VERSION:
@@ -356,7 +357,7 @@ class SinkReceiver:
         npages = {name: r.npages for name, r in store.regions.items()}
         seen_in = link.bytes_in
         while True:
-            msg = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
+            msg = await wait_for(link.recv(), self.cfg.peer.timeout)
             self.metrics.received_bytes.inc(link.bytes_in - seen_in)
             seen_in = link.bytes_in
             if isinstance(msg, m.PageBatch):
@@ -431,5 +432,5 @@ def _abort(writer: asyncio.StreamWriter | None, conn: socket.socket) -> None:
 async def _reject(link: Link, reason: str) -> None:
     log.warning("refusing %s: %s", link.peer, reason)
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(link.send(m.Reject(reason)), 2)
+        await wait_for(link.send(m.Reject(reason)), 2)
     await link.close()

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..aio import wait_for
 from ..config import Config
 from ..errors import PeerError, ProtocolError, QemuError
 from ..link import Link
@@ -180,7 +181,7 @@ class DiskReplicator:
         """Does a server listen on our socket (QEMU's NBD server, started by an earlier run
         of this daemon: only we create sockets in our 0700 directory)?"""
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.sock), 2)
+            _, writer = await wait_for(asyncio.open_unix_connection(self.sock), 2)
         except (OSError, asyncio.TimeoutError):
             return False
         writer.close()
@@ -406,7 +407,7 @@ class DiskReplicator:
                     if self._link is None:
                         raise PeerError("link to the sink lost while waiting for a disk ack")
                     await self._acked.wait()
-        await asyncio.wait_for(waiter(), timeout)
+        await wait_for(waiter(), timeout)
 
     async def sync(self, link: Link, timeout: float, *, paused: bool = False) -> int:
         """One round now, acknowledged. ``paused``: the guest cannot write (the switch's

@@ -8,12 +8,12 @@ target filled exactly, anything else a protocol error.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
 
+from ..aio import wait_for
 from ..errors import PeerError, PeerRejected, ProtocolError
 from ..link import Link
 from ..wire import messages as m
@@ -28,7 +28,7 @@ async def receive_manifests(link: Link, targets: dict[Hashable, np.ndarray], end
     (returned). Every target must be filled exactly once over."""
     filled = {key: 0 for key in targets}
     while True:
-        msg = await asyncio.wait_for(link.recv(), timeout)
+        msg = await wait_for(link.recv(), timeout)
         if isinstance(msg, end):
             break
         if isinstance(msg, m.Reject):

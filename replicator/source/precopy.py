@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from ..aio import wait_for
 from ..config import PAGE_SIZE
 from ..errors import DomainError, PeerError, ProtocolError, QemuError
 from ..link import Link
@@ -157,7 +158,7 @@ class PrecopyStream:
             await self.rep.driver.proc.start_precopy(
                 f"unix:{self.sock_path}", pause_before_switchover=self.rep.disks is not None)
             loop = asyncio.get_running_loop()
-            conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 30)
+            conn, _ = await wait_for(loop.sock_accept(listener), 30)
         finally:
             listener.close()
             with contextlib.suppress(FileNotFoundError):
@@ -265,7 +266,7 @@ class PrecopyStream:
             self.pacing = "idle"
             self._caught_up_at = time.monotonic()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.switching.wait(), s.precopy_interval)
+                await wait_for(self.switching.wait(), s.precopy_interval)
 
     async def on_message(self, msg: Any) -> bool:
         if isinstance(msg, m.PrecopyReturn):

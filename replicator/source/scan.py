@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..aio import wait_for
 from ..config import PAGE_SIZE
 from ..errors import PeerError
 from ..faults import checkpoint
@@ -156,7 +157,7 @@ class ScanStream:
                     if not self.rep.connected.is_set():
                         raise PeerError("link to the sink lost while waiting for an ack")
                     await self._acked.wait()
-        await asyncio.wait_for(waiter(), timeout)
+        await wait_for(waiter(), timeout)
 
     async def verify(self, timeout: float = 30.0) -> bool:
         """Full-manifest comparison: does the sink hold exactly what the guest RAM holds now?

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..aio import wait_for
 from ..config import PAGE_SIZE, Config, parse_address
 from ..errors import PeerError, PeerRejected, ProtocolError, ReplicatorError
 from ..identity import authenticate_to_server, identity_for, pinned_peer
@@ -101,7 +102,7 @@ class SourceReplicator:
         host, port = parse_address(self.cfg.peer.address, key="peer.address")
         if self.identity is None:
             return await asyncio.open_connection(host, port, limit=1 << 20)
-        return await asyncio.wait_for(asyncio.open_connection(
+        return await wait_for(asyncio.open_connection(
             host, port, limit=1 << 20, ssl=self._ssl, server_hostname=host), self.cfg.peer.timeout)
 
     async def run(self) -> None:
@@ -165,7 +166,7 @@ class SourceReplicator:
             seconds = min(seconds, self.cfg.stream.reconnect_delay)
         self._retry_now.clear()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._retry_now.wait(), seconds)
+            await wait_for(self._retry_now.wait(), seconds)
 
     @property
     def urgent(self) -> bool:
@@ -202,7 +203,7 @@ class SourceReplicator:
             regions=tuple(m.RegionInfo(r.name, r.size, PAGE_SIZE) for r in self.regions),
             vm=_pack_vm(await self.driver.vm_description()), generation=self.generation)
         await link.send(hello)
-        reply = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
+        reply = await wait_for(link.recv(), self.cfg.peer.timeout)
         if isinstance(reply, m.Reject):
             raise PeerRejected(reply.reason)
         if not isinstance(reply, m.Welcome):
@@ -222,7 +223,7 @@ class SourceReplicator:
         manifests = {r.name: np.empty(r.npages, dtype=np.uint64) for r in self.regions}
         filled = {r.name: 0 for r in self.regions}
         while True:
-            msg = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
+            msg = await wait_for(link.recv(), self.cfg.peer.timeout)
             if isinstance(msg, m.ManifestEnd):
                 break
             if not isinstance(msg, m.ManifestChunk) or msg.region not in manifests:
@@ -279,7 +280,7 @@ class SourceReplicator:
     async def _recv_loop(self, link: Link) -> None:
         while True:
             try:
-                msg = await asyncio.wait_for(link.recv(), self.cfg.peer.timeout)
+                msg = await wait_for(link.recv(), self.cfg.peer.timeout)
             except asyncio.TimeoutError:
                 raise PeerError(f"no word from the sink for {self.cfg.peer.timeout:g}s") from None
             if isinstance(msg, m.DiskAck) and self.disks is not None:
@@ -336,13 +337,13 @@ class SourceReplicator:
                 if not self.connected.is_set():
                     raise PeerError("link to the sink lost")
                 try:
-                    msg = await asyncio.wait_for(self._responses.get(), 0.25)
+                    msg = await wait_for(self._responses.get(), 0.25)
                 except asyncio.TimeoutError:
                     continue
                 if isinstance(msg, expect):
                     return msg
                 log.debug("ignoring unexpected %s", type(msg).__name__)
-        return await asyncio.wait_for(get(), timeout)
+        return await wait_for(get(), timeout)
 
     # --- status --------------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..aio import wait_for
 from ..errors import HandedOver, PeerError, ReplicatorError, SwitchError, SwitchInProgress
 from ..durable import atomic_write
 from ..faults import checkpoint
@@ -417,7 +418,7 @@ class Switcher:
         link = self.rep.link
         if link is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(link.send(m.SwitchAbort(report.switch_id, reason)), 2)
+                await wait_for(link.send(m.SwitchAbort(report.switch_id, reason)), 2)
 
     @property
     def pending_commit(self) -> dict | None:

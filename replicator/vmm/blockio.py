@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from replicator.aio import wait_for
 from replicator.errors import NbdError, QemuError
 from replicator.vmm.nbd import STATE_ZERO, Extent, NbdClient
 from replicator.wire.blocks import (BLOCK_SIZE, MAX_BATCH_BLOCKS, ZERO_BLOCK_HASH, block_count,
@@ -152,7 +153,7 @@ class QemuNbd:
                 err = b""
                 if self._proc.stderr is not None:
                     with contextlib.suppress(asyncio.TimeoutError):
-                        err = await asyncio.wait_for(self._proc.stderr.read(4096), 1)
+                        err = await wait_for(self._proc.stderr.read(4096), 1)
                 await self.stop()
                 raise QemuError(f"qemu-nbd could not serve {self.image}: "
                                 f"{err.decode(errors='replace').strip() or 'timed out'}")
@@ -175,7 +176,7 @@ class QemuNbd:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
+                await wait_for(proc.wait(), timeout)
             except asyncio.TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()

@@ -19,6 +19,7 @@ import struct
 import time
 from pathlib import Path
 
+from replicator.aio import wait_for
 from replicator.errors import QemuError
 from replicator.vmm.launch_record import LaunchRecord, process_start_ticks
 
@@ -62,7 +63,7 @@ class HostProcess:
         """
         try:
             if self.proc is not None:
-                rc = await asyncio.wait_for(self.proc.wait(), timeout)
+                rc = await wait_for(self.proc.wait(), timeout)
                 await self.stderr_settled()
                 return rc
             if self.pid is None:
@@ -123,7 +124,7 @@ class HostProcess:
         """Give an exiting QEMU a moment to finish writing its reason to the stderr file."""
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.proc.wait()), min(grace, 0.05))
+                await wait_for(asyncio.shield(self.proc.wait()), min(grace, 0.05))
         else:
             await asyncio.sleep(0)
 

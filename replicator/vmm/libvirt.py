@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from replicator.aio import wait_for
 from replicator.errors import DomainError, QemuError
 from replicator.vmm.qemu import QemuProcess, _Origin
 from replicator.vmm.qmp_events import QmpCommandError
@@ -300,7 +301,7 @@ class LibvirtQemu(QemuProcess):
             call = lambda: lq.qemuMonitorCommand(self.dom, text, 0)
         loop = asyncio.get_running_loop()
         try:
-            reply = await asyncio.wait_for(loop.run_in_executor(self.lv._pool, call), timeout)
+            reply = await wait_for(loop.run_in_executor(self.lv._pool, call), timeout)
         except asyncio.TimeoutError:
             raise QemuError(f"QEMU {self.name}: no answer to {cmd} within {timeout:g}s "
                             "(through libvirt)") from None

@@ -33,6 +33,7 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPError
 
+from replicator.aio import wait_for
 from replicator.errors import QemuError
 from replicator.vmm.host_process import HostProcess, clear_stale_socket, socket_peer_pid
 from replicator.vmm.launch_record import LaunchRecord
@@ -161,7 +162,7 @@ class QemuProcess:
         self.host.use_stderr_log(workdir / f"{name}.stderr.log")
         self.host.record_path = record_path
         try:
-            await asyncio.wait_for(self._qmp.connect(str(self.qmp_socket)), timeout)
+            await wait_for(self._qmp.connect(str(self.qmp_socket)), timeout)
         except (QMPError, OSError, asyncio.TimeoutError) as exc:
             await self._disconnect_quietly()
             raise QemuError(f"cannot reconnect to QEMU pid {record.pid} at {self.qmp_socket}: "
@@ -189,7 +190,7 @@ class QemuProcess:
         self = cls(qmp_socket=path, spec=None, workdir=Path(workdir) if workdir else None,
                    proc=None, pid=pid, origin=_Origin.ATTACHED)
         try:
-            await asyncio.wait_for(self._qmp.connect(str(path)), timeout)
+            await wait_for(self._qmp.connect(str(path)), timeout)
         except asyncio.TimeoutError:
             await self._disconnect_quietly()
             raise QemuError(
@@ -220,7 +221,7 @@ class QemuProcess:
             if self.qmp_socket.exists():
                 try:
                     remaining = max(0.1, deadline - time.monotonic())
-                    await asyncio.wait_for(self._qmp.connect(str(self.qmp_socket)), remaining)
+                    await wait_for(self._qmp.connect(str(self.qmp_socket)), remaining)
                     return
                 except (QMPError, OSError, asyncio.TimeoutError) as exc:
                     last_exc = exc
@@ -274,7 +275,7 @@ class QemuProcess:
         """Ask QEMU to exit (QMP ``quit``), wait for it; kill it if it does not exit in time."""
         if self.host.alive():
             try:
-                await asyncio.wait_for(self._qmp.execute("quit"), timeout)
+                await wait_for(self._qmp.execute("quit"), timeout)
             except (QMPError, OSError, EOFError, asyncio.TimeoutError):
                 pass  # QEMU may hang up before or instead of answering
         await self._disconnect_quietly()
@@ -326,7 +327,7 @@ class QemuProcess:
         does not come within ``timeout`` seconds.
         """
         try:
-            return await asyncio.wait_for(self._qmp.execute(cmd, dict(args) if args else None), timeout)
+            return await wait_for(self._qmp.execute(cmd, dict(args) if args else None), timeout)
         except ExecuteError as exc:
             raise QmpCommandError(
                 f"QEMU {self.name}: {cmd} failed: {exc}", command=cmd,

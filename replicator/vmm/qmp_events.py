@@ -21,6 +21,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient
 
+from replicator.aio import wait_for
 from replicator.errors import QemuError
 
 __all__ = ["QmpCommandError", "QmpEvent", "QmpEventLog", "QuietQMPClient"]
@@ -163,7 +164,7 @@ class QmpEventLog(EventListener):
                 if step <= 0:
                     raise QemuError(f"QEMU {owner}: no {name} event within {timeout:g}s")
                 try:
-                    return await asyncio.wait_for(asyncio.shield(fut), step)
+                    return await wait_for(asyncio.shield(fut), step)
                 except asyncio.TimeoutError:
                     pass
                 await check(f"waiting for {name}")
