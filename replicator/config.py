@@ -168,10 +168,12 @@ class StreamConfig:
     max_inflight_epochs: int = 4            # epochs sent but not yet acknowledged
     reconnect_delay: float = 0.5
     # qemu-precopy pacing: with little to send QEMU busy-loops on dirty-bitmap syncs, so the
-    # relay drains its socket in short bursts when idle and continuously when there is a backlog.
-    precopy_burst: float = 0.001            # seconds of draining per idle burst
-    precopy_interval: float = 0.25          # seconds between idle bursts
+    # relay drains its socket once per interval when idle (QEMU blocks on a small send buffer
+    # in between) and continuously when there is a backlog.
+    precopy_burst: float = 0.1              # longest idle drain; still busy after it: backlog
+    precopy_interval: float = 0.25          # seconds between idle drains
     precopy_backlog: int = 4 * 1024 * 1024  # QEMU's ram.remaining above this: drain nonstop
+    precopy_send_buffer: int = 4096         # SO_SNDBUF of QEMU's end (0: the kernel's default)
     disk_interval: float = 1.0              # seconds between disk rounds (dirty-bitmap pulls)
 
 
@@ -241,7 +243,7 @@ class Config:
 
 # Keys whose values are sizes or rates (parsed with parse_size).
 _SIZE_KEYS = {"size", "ram_size", "max_ram_size", "max_frame_bytes", "bandwidth_limit",
-              "precopy_backlog"}
+              "precopy_backlog", "precopy_send_buffer"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,6 +332,8 @@ def _validate(cfg: Config, path: str | None) -> None:
         bad("stream.max_inflight_epochs", "must be at least 1")
     if not 0.05 <= s.disk_interval <= 60:
         bad("stream.disk_interval", "must be between 0.05 and 60 seconds")
+    if s.precopy_send_buffer and not 4096 <= s.precopy_send_buffer <= 64 * 1024**2:
+        bad("stream.precopy_send_buffer", "must be 0 (the kernel's default) or 4 KiB to 64 MiB")
     if cfg.peer.id:
         from .identity import normalize_id
         try:

@@ -577,6 +577,8 @@ def test_qemu_ram_size_not_checked_for_file_driver(tmp_path):
     ("scan_interval_min = -0.5", "stream.scan_interval_max"),
     ("scan_interval_min = 2.0\nscan_interval_max = 1.0", "stream.scan_interval_max"),
     ("max_inflight_epochs = 0", "stream.max_inflight_epochs"),
+    ("precopy_send_buffer = 4095", "stream.precopy_send_buffer"),
+    ("precopy_send_buffer = \"65MiB\"", "stream.precopy_send_buffer"),
 ])
 def test_stream_rules(tmp_path, stream, key):
     expect_error(tmp_path, MINIMAL + "[stream]\n" + stream + "\n", key)
@@ -589,6 +591,8 @@ def test_stream_rules(tmp_path, stream, key):
     "zstd_level = 1", "zstd_level = 19",
     "scan_interval_min = 0.5\nscan_interval_max = 0.5",
     "max_inflight_epochs = 1",
+    "precopy_send_buffer = 0", "precopy_send_buffer = \"4KiB\"",
+    "precopy_send_buffer = \"64MiB\"",
 ])
 def test_stream_rule_boundaries_accepted(tmp_path, stream):
     load_text(tmp_path, MINIMAL + "[stream]\n" + stream + "\n")

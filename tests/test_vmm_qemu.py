@@ -727,6 +727,62 @@ async def test_held_open_precopy_sends_no_event_per_dirty_sync(qemu_bin, tmp_pat
 
 
 @pytest.mark.qemu
+async def test_precopy_into_a_passed_socket_with_a_small_send_buffer_blocks_qemu(
+        qemu_bin, tmp_path, ramdir, vms, tick_guest):
+    """The relay's channel: one end of a socket pair, passed with ``getfd`` (SCM_RIGHTS over
+    QMP) and given a small send buffer. While nobody reads it, QEMU's held-open migration loop
+    blocks on it and stops re-syncing its dirty bitmap (instead of spinning, ~1000 syncs a
+    second here); each read lets it go on."""
+    need_qemu(qemu_bin)
+    src = await start_tick_source(vms, tmp_path, ramdir, tick_guest, ticks=3)
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    name = await src.pass_fd(theirs.fileno(), "precopy")
+    theirs.close()
+    await src.start_precopy(f"fd:{name}")
+    ours.setblocking(False)
+
+    async def syncs() -> int:
+        info = await src.query_migrate()
+        assert info["status"] in ("setup", "active"), info
+        return int(info.get("ram", {}).get("dirty-sync-count") or 0)
+
+    async def drain(seconds: float) -> int:
+        got, end = 0, loop.time() + seconds
+        while loop.time() < end:
+            try:
+                got += len(await wait_for_recv(loop, ours, end - loop.time()))
+            except TimeoutError:
+                break
+        return got
+
+    try:
+        # The whole of RAM goes first (the first pass); then only what the guest dirties.
+        deadline = time.monotonic() + 120
+        while await syncs() < 3:
+            await drain(0.2)
+            assert time.monotonic() < deadline
+        await asyncio.sleep(1.0)                # unread: the small buffer fills, QEMU blocks
+        held = await syncs()
+        await asyncio.sleep(2.0)
+        assert await syncs() == held, "QEMU kept syncing with its socket full"
+        assert await drain(0.5) > 0
+        await asyncio.sleep(0.2)
+        assert await syncs() > held, "a read did not let QEMU go on"
+        await src.execute("migrate_cancel")
+    finally:
+        ours.close()
+
+
+async def wait_for_recv(loop, sock: socket.socket, timeout: float) -> bytes:
+    data = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), max(timeout, 0.001))
+    if not data:
+        raise TimeoutError("EOF")
+    return data
+
+
+@pytest.mark.qemu
 async def test_qmp_messages_are_formatted_only_for_an_enabled_debug_log(qemu_bin, tmp_path,
                                                                         ramdir, vms, caplog,
                                                                         monkeypatch):

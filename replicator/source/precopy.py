@@ -1,16 +1,18 @@
 """The ``qemu-precopy`` tracker: QEMU's own dirty log, through a migration held open.
 
-The source QEMU migrates (precopy, ``return-path`` + ``switchover-ack``) into a unix socket this
-relay listens on. The relay forwards the stream over the replication link to the sink, which
+The source QEMU migrates (precopy, ``return-path`` + ``switchover-ack``) into one end of a socket
+pair passed to it with ``getfd``; the relay reads the other end. The relay forwards the stream over the replication link to the sink, which
 feeds a shadow QEMU and relays the return path back — except the shadow's SWITCHOVER_ACK, which
 it withholds until "switch now". Precopy therefore never completes on its own: QEMU keeps
 sending exactly the pages the guest dirties (KVM's dirty log, or TCG's), and a switch costs only
 the last delta plus the device state, with no O(RAM) scan in the downtime.
 
 Pacing: with nothing to send, QEMU re-syncs its dirty bitmap in a busy loop and re-sends hot
-pages (74.5% of a core for an idle guest, measured). The relay drains the socket continuously
-while QEMU has a backlog and in short bursts when idle (1 ms every 250 ms by default), which lets
-the socket fill and QEMU block on it instead of spinning.
+pages (74.5% of a core for an idle guest, measured; ~1000 syncs/s with the socket's default
+send buffer even when read only every 250 ms). The relay drains the socket continuously while
+QEMU has a backlog; when idle it gives QEMU's end a 4 KiB send buffer and drains it once every
+250 ms, so QEMU blocks after a few syncs (~20/s measured) and each drain carries one pass of
+what the guest dirtied meanwhile, a page written many times travelling once.
 
 Resume: after a link loss both migrations fail and the source VM keeps running. The next session
 starts a new migration; its bulk pass would resend all RAM, so the relay drops every PAGE record
@@ -23,10 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -66,8 +66,6 @@ class PrecopyStream:
 
     def __init__(self, rep: SourceReplicator, throttle: Throttle):
         self.rep = rep
-        cfg = rep.cfg
-        self.sock_path = Path(cfg.node.state_dir) / cfg.domain.name / "precopy.sock"
         self.session_no = 0
         self.pacing = "idle"
         self.qemu_info: dict[str, Any] = {}
@@ -85,6 +83,11 @@ class PrecopyStream:
         self._caught_up_at: float | None = None
         self._last_lag = 0
         self._qsock: socket.socket | None = None
+        # Our hold on QEMU's end of the socket pair: its send buffer is small while idle (QEMU
+        # blocks instead of spinning) and the kernel's default while there is a backlog.
+        self._qpeer: socket.socket | None = None
+        self._qpeer_default = 0
+        self._qpeer_small = False
         self._editor: PrecopyEditor | None = None
         self._buf = bytearray(RECV_CHUNK)
         #: QEMU's guest throttling, armed with each held-open migration (the switch's too).
@@ -142,30 +145,59 @@ class PrecopyStream:
 
     async def _start_migration(self) -> None:
         await self._wait_running()
-        self.sock_path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.sock_path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # QEMU writes into one end of a socket pair, passed to it as a descriptor; the relay
+        # reads the other, and keeps a handle on QEMU's end to size its send buffer (see
+        # _pace_qemu).
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(str(self.sock_path))
-            os.chmod(self.sock_path, 0o600)
-            listener.listen(1)
-            listener.setblocking(False)
+            self._qpeer_default = theirs.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            self._qpeer_small = False
+            proc = self.rep.driver.proc
             # auto-converge can only be switched on before a migration starts.
             await self.throttle.arm()
-            # With disks, QEMU waits in pre-switchover (guest stopped, disks still active) so
-            # the switch can send the last disk delta before QEMU inactivates them.
-            await self.rep.driver.proc.start_precopy(
-                f"unix:{self.sock_path}", pause_before_switchover=self.rep.disks is not None)
-            loop = asyncio.get_running_loop()
-            conn, _ = await wait_for(loop.sock_accept(listener), 30)
-        finally:
-            listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.sock_path.unlink()
-        conn.setblocking(False)
-        self._qsock = conn
+            name = await proc.pass_fd(theirs.fileno(), "precopy")
+            try:
+                # With disks, QEMU waits in pre-switchover (guest stopped, disks still active)
+                # so the switch can send the last disk delta before QEMU inactivates them.
+                await proc.start_precopy(f"fd:{name}",
+                                         pause_before_switchover=self.rep.disks is not None)
+            except QemuError:
+                with contextlib.suppress(QemuError):
+                    await proc.execute("closefd", {"fdname": name})   # QEMU never took it
+                raise
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        ours.setblocking(False)
+        self._qsock = ours
+        self._qpeer = theirs
         self._editor = PrecopyEditor(self._drop_page)
+
+    def _pace_qemu(self, idle: bool) -> None:
+        """Idle: give QEMU's end a small send buffer (``stream.precopy_send_buffer``). Between
+        the relay's drains its migration loop then blocks after a few dirty syncs instead of
+        re-syncing about a thousand times a second (under KVM each sync also write-protects
+        guest RAM again). Otherwise the kernel's default: bulk reads, fewer frames."""
+        small = self.rep.cfg.stream.precopy_send_buffer
+        if self._qpeer is None or not small or self._qpeer_small == idle:
+            return
+        # The kernel doubles what is set (bookkeeping overhead); the default was read as is.
+        self._qpeer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                               small if idle else self._qpeer_default // 2)
+        self._qpeer_small = idle
+
+    def begin_switch(self) -> None:
+        """The switch drains QEMU's socket to the end: full buffer, and QEMU's own close of its
+        end is then the relay's end of stream."""
+        self._pace_qemu(False)
+        self.switching.set()
+        self._release_qemu_end()
+
+    def _release_qemu_end(self) -> None:
+        if self._qpeer is not None:
+            self._qpeer.close()
+            self._qpeer = None
 
     async def _wait_running(self) -> None:
         """A held-open migration of a paused VM completes at once (no switchover ack is
@@ -181,6 +213,7 @@ class PrecopyStream:
 
     async def _stop_migration(self) -> None:
         """End of a session: close QEMU's stream; an unfinished migration fails, the VM runs on."""
+        self._release_qemu_end()
         if self._qsock is not None:
             self._qsock.close()
             self._qsock = None
@@ -226,7 +259,16 @@ class PrecopyStream:
             mt.sent_bytes.labels("wire").inc(n)
 
     async def _pump(self, link: Link, sid: int) -> None:
-        """QEMU -> sink, paced."""
+        """QEMU -> sink, paced.
+
+        Backlog (the first pass, a guest dirtying faster than one drain a tick carries): read
+        QEMU's socket nonstop. Idle: every ``precopy_interval`` drain what QEMU queued since the
+        last tick, then leave it blocked on its small send buffer. Each drain lets QEMU finish
+        the pass it is in, sync its dirty bitmap and send what the guest dirtied since, so a
+        page written many times within a tick travels once; then it blocks again after a few
+        syncs instead of spinning through them. A drain still busy after ``precopy_burst``
+        means QEMU has more than a tick's worth: backlog, until QEMU spins again (the poll).
+        """
         s = self.rep.cfg.stream
         loop = asyncio.get_running_loop()
         assert self._qsock is not None
@@ -240,10 +282,19 @@ class PrecopyStream:
                     break
                 await self._forward(link, sid, memoryview(self._buf)[:n])
                 continue
+            if self._backlog or not self.qemu_info:
+                self.pacing = "backlog"
+                self._pace_qemu(False)
+                n = await loop.sock_recv_into(sock, self._buf)
+                if n == 0:
+                    break
+                await self._forward(link, sid, memoryview(self._buf)[:n])
+                continue
+            self.pacing = "idle"
+            self._pace_qemu(True)
             t0 = time.monotonic()
-            got = 0
             drained = False
-            while time.monotonic() - t0 < s.precopy_burst or got == 0:
+            while time.monotonic() - t0 < s.precopy_burst:
                 try:
                     n = sock.recv_into(self._buf)
                 except BlockingIOError:
@@ -251,19 +302,12 @@ class PrecopyStream:
                     break
                 if n == 0:
                     return
-                got += n
                 await self._forward(link, sid, memoryview(self._buf)[:n])
-            if self._backlog or not self.qemu_info:
-                # Bulk pass or heavy dirtying: keep QEMU's socket drained.
-                self.pacing = "backlog"
-                if drained:
-                    n = await loop.sock_recv_into(sock, self._buf)
-                    if n == 0:
-                        break
-                    await self._forward(link, sid, memoryview(self._buf)[:n])
+                await asyncio.sleep(0)             # the loop's other work goes on meanwhile
+            if not drained:
+                self._backlog = True
                 continue
-            # QEMU has no real backlog: what is still in flight is at most one interval old.
-            self.pacing = "idle"
+            # QEMU had nothing more: what the shadow lacks is at most one tick old.
             self._caught_up_at = time.monotonic()
             with contextlib.suppress(asyncio.TimeoutError):
                 await wait_for(self.switching.wait(), s.precopy_interval)
@@ -278,7 +322,7 @@ class PrecopyStream:
 
     async def _poll_qemu(self) -> None:
         proc = self.rep.driver.proc
-        last_syncs, last_bytes = 0, self.stream_bytes
+        last_syncs = 0
         while True:
             with contextlib.suppress(QemuError, asyncio.TimeoutError):
                 self.qemu_info = await proc.query_migrate()
@@ -297,23 +341,22 @@ class PrecopyStream:
                 ram = self.qemu_info.get("ram", {})
                 syncs = int(ram.get("dirty-sync-count") or 0)
                 self._backlog = self._judge_backlog(int(ram.get("remaining") or 0),
-                                                    syncs - last_syncs,
-                                                    self.stream_bytes - last_bytes)
-                last_syncs, last_bytes = syncs, self.stream_bytes
+                                                    syncs - last_syncs)
+                last_syncs = syncs
             await asyncio.sleep(self.rep.cfg.stream.precopy_interval)
 
-    def _judge_backlog(self, remaining: int, syncs: int, streamed: int) -> bool:
-        """Does QEMU have real work queued (drain nonstop) or is it only spinning (pace)?
+    def _judge_backlog(self, remaining: int, syncs: int) -> bool:
+        """Does QEMU have real work queued (drain nonstop) or is it only re-syncing (pace)?
 
-        ``ram.remaining`` counts only what QEMU's last bitmap sync found, and a QEMU blocked on
-        our socket does not sync, so it understates the backlog. The telling sign is the sync
-        count: a QEMU with little to send finishes passes and re-syncs, over and over; one that
-        streamed bytes through a whole interval without finishing a single pass has a backlog.
+        ``ram.remaining`` counts what QEMU's last dirty sync found and has not sent yet: above
+        ``precopy_backlog`` it is a backlog. Below, while idle, the pump's drains decide (one
+        that does not end within ``precopy_burst`` turns to backlog). A backlog is over once
+        QEMU finishes passes again, several per interval: it has caught up and only re-syncs.
         """
         if remaining > self.rep.cfg.stream.precopy_backlog:
             return True
         if not self._backlog:
-            return syncs == 0 and streamed > 0
+            return False
         return syncs < 4
 
     # --- status --------------------------------------------------------------------------------

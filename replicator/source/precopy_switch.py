@@ -45,7 +45,7 @@ async def hand_over(stream: PrecopyStream, sw: Switcher, report: SwitchReport,
         await stream.throttle.set_downtime_limit(sw.target_downtime)
     await sw.catch_up_disks(report)
     mark = proc.event_mark()
-    stream.switching.set()                        # drain QEMU's socket continuously
+    stream.begin_switch()                         # drain QEMU's socket continuously
     await checkpoint("source-before-pause")
     report.phase = "final-delta"
     if live:

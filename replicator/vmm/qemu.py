@@ -71,6 +71,8 @@ class QemuProcess:
         self.migration = QemuMigration(self)
         """Migration operations (also offered as methods of this class, by the same names)."""
         self._closed = False
+        self._fd_lock = asyncio.Lock()
+        self._fd_serial = 0
 
     # -- construction ---------------------------------------------------------------------
 
@@ -438,6 +440,16 @@ class QemuProcess:
 
     async def open_precopy_incoming(self, sock_path: Path) -> socket.socket:
         return await self.migration.open_precopy_incoming(sock_path)
+
+    async def pass_fd(self, fd: int, prefix: str = "replicator") -> str:
+        """Give QEMU a duplicate of ``fd`` under a fresh name (QMP ``getfd``), for a command
+        that takes ``fd:<name>``. Serialized: QEMU names the descriptor it received last."""
+        async with self._fd_lock:
+            self._fd_serial += 1
+            fdname = f"{prefix}{self._fd_serial}"
+            self._qmp.send_fd_scm(fd)
+            await self.execute("getfd", {"fdname": fdname})
+        return fdname
 
     # -- how migration channels reach this QEMU (a libvirt domain passes descriptors) --------
 

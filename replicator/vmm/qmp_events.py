@@ -7,13 +7,17 @@
 * :class:`QmpEventLog`: receives every event of one ``qemu.qmp`` client, keeps the latest, and
   wakes whoever waits for one by name (:meth:`QemuProcess.wait_event
   <replicator.vmm.qemu.QemuProcess.wait_event>` is built on it);
-* :class:`QuietQMPClient`: the ``qemu.qmp`` client, minus its per-message formatting cost.
+* :class:`QuietQMPClient`: the ``qemu.qmp`` client, minus its per-message formatting cost,
+  passing file descriptors under uvloop too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -44,6 +48,23 @@ class QuietQMPClient(QMPClient):
     def _cb_inbound(self, msg: Any) -> Any:
         self.logger.debug("<-- %s", msg)
         return msg
+
+    def send_fd_scm(self, fd: int) -> None:
+        """Send ``fd`` to QEMU (SCM_RIGHTS, with one space byte QEMU's JSON parser skips), for
+        a following ``getfd``. qemu.qmp reaches for the transport's private ``_sock``, which
+        uvloop's transports do not have: send on a duplicate of the socket's descriptor
+        instead (the same socket; closing the duplicate leaves it open)."""
+        assert self._writer is not None
+        transport = self._writer.transport
+        real = transport.get_extra_info("socket")
+        if real is None or real.family != socket.AF_UNIX:
+            raise QemuError("passing a file descriptor to QEMU needs QMP on a unix socket")
+        if transport.get_write_buffer_size():
+            # A command still partly unsent: the space byte would land inside its JSON.
+            raise QemuError("QMP transport busy; cannot pass a file descriptor now")
+        with socket.socket(fileno=os.dup(real.fileno())) as sock:
+            sock.sendmsg([b" "], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   struct.pack("@i", fd))])
 
 
 class QmpCommandError(QemuError):
