@@ -265,9 +265,10 @@ class PrecopyStream:
         QEMU's socket nonstop. Idle: every ``precopy_interval`` drain what QEMU queued since the
         last tick, then leave it blocked on its small send buffer. Each drain lets QEMU finish
         the pass it is in, sync its dirty bitmap and send what the guest dirtied since, so a
-        page written many times within a tick travels once; then it blocks again after a few
-        syncs instead of spinning through them. A drain still busy after ``precopy_burst``
-        means QEMU has more than a tick's worth: backlog, until QEMU spins again (the poll).
+        page written many times within a tick travels once; the drain ends after that second
+        pass (or when the socket is empty), and QEMU blocks again after a few syncs instead of
+        spinning through them. A drain still busy after ``precopy_burst`` means QEMU has more
+        than a tick's worth: backlog, until QEMU spins again (the poll).
         """
         s = self.rep.cfg.stream
         loop = asyncio.get_running_loop()
@@ -293,6 +294,7 @@ class PrecopyStream:
             self.pacing = "idle"
             self._pace_qemu(True)
             t0 = time.monotonic()
+            passes = self.iterations
             drained = False
             while time.monotonic() - t0 < s.precopy_burst:
                 try:
@@ -303,6 +305,12 @@ class PrecopyStream:
                 if n == 0:
                     return
                 await self._forward(link, sid, memoryview(self._buf)[:n])
+                if self.iterations - passes >= 2:
+                    # The pass QEMU was blocked in, then one from a fresh sync: everything
+                    # dirtied up to this drain is out. Read on and QEMU only spins (a
+                    # re-sync per few pages), which never leaves the socket empty.
+                    drained = True
+                    break
                 await asyncio.sleep(0)             # the loop's other work goes on meanwhile
             if not drained:
                 self._backlog = True
