@@ -1,11 +1,12 @@
 """The ``qemu-precopy`` tracker: QEMU's own dirty log, through a migration held open.
 
 The source QEMU migrates (precopy, ``return-path`` + ``switchover-ack``) into one end of a socket
-pair passed to it with ``getfd``; the relay reads the other end. The relay forwards the stream over the replication link to the sink, which
-feeds a shadow QEMU and relays the return path back — except the shadow's SWITCHOVER_ACK, which
-it withholds until "switch now". Precopy therefore never completes on its own: QEMU keeps
-sending exactly the pages the guest dirties (KVM's dirty log, or TCG's), and a switch costs only
-the last delta plus the device state, with no O(RAM) scan in the downtime.
+pair passed to it with ``getfd``; the relay reads the other end and forwards the stream over the
+replication link to the sink, which feeds a shadow QEMU and relays the return path back —
+except the shadow's SWITCHOVER_ACK, which it withholds until "switch now". Precopy therefore
+never completes on its own: QEMU keeps sending exactly the pages the guest dirties (KVM's dirty
+log, or TCG's), and a switch costs only the last delta plus the device state, with no O(RAM)
+scan in the downtime.
 
 Pacing: with nothing to send, QEMU re-syncs its dirty bitmap in a busy loop and re-sends hot
 pages (74.5% of a core for an idle guest, measured; ~1000 syncs/s with the socket's default
