@@ -332,6 +332,12 @@ def _validate(cfg: Config, path: str | None) -> None:
         bad("stream.max_inflight_epochs", "must be at least 1")
     if not 0.05 <= s.disk_interval <= 60:
         bad("stream.disk_interval", "must be between 0.05 and 60 seconds")
+    if not 0 < s.precopy_interval <= 10:
+        bad("stream.precopy_interval", "must be more than 0 and at most 10 seconds")
+    if not 0.01 <= s.precopy_burst <= s.precopy_interval:
+        # An idle drain shorter than QEMU takes to hand over one pass always ends as
+        # "backlog": pacing would be off.
+        bad("stream.precopy_burst", "must be between 0.01 s and stream.precopy_interval")
     if s.precopy_send_buffer and not 4096 <= s.precopy_send_buffer <= 64 * 1024**2:
         bad("stream.precopy_send_buffer", "must be 0 (the kernel's default) or 4 KiB to 64 MiB")
     if cfg.peer.id:

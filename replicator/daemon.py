@@ -47,6 +47,9 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
 
     node = make_node(cfg)
     node.metrics.bandwidth_limit.set(cfg.stream.bandwidth_limit)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        # First: a start that hangs (libvirt, QEMU) is what one wants to see into.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, log_stacks)
     await node.start()
     token_file = cfg.control.token_file or Path(cfg.node.state_dir) / "api-token"
     token = load_or_create_token(Path(token_file))
@@ -84,7 +87,6 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, reload)
-        loop.add_signal_handler(signal.SIGUSR1, log_stacks)
     sd_notify("READY=1\nSTATUS=replicating")
     if ready is not None:
         ready.set()
@@ -106,6 +108,25 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None) -> None:
         await node.stop(leave_domain_running=True)
 
 
+def _await_chain(coro: object) -> list[str]:
+    """The frames of ``coro`` and of everything it awaits, outermost first, then what the
+    innermost waits on (a future, a task). ``Task.print_stack`` shows only the outermost
+    coroutine's frame, which says nothing about where a stuck task waits."""
+    lines: list[str] = []
+    for _ in range(64):
+        frame = (getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                 or getattr(coro, "ag_frame", None))
+        if frame is None:
+            break
+        lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, '
+                     f"in {frame.f_code.co_name}")
+        coro = (getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+                or getattr(coro, "ag_await", None))
+    if coro is not None:
+        lines.append(f"  awaiting {coro!r}"[:300])
+    return lines
+
+
 def log_stacks() -> None:
     """SIGUSR1: log where every asyncio task and thread is (a daemon that seems stuck says
     what it waits for, without a debugger on the user's host)."""
@@ -118,8 +139,8 @@ def log_stacks() -> None:
     tasks = asyncio.all_tasks()
     out.write(f"SIGUSR1: {len(tasks)} asyncio task(s), {threading.active_count()} thread(s)\n")
     for task in sorted(tasks, key=lambda t: t.get_name()):
-        out.write(f"--- task {task.get_name()} ({task.get_coro()!r})\n")
-        task.print_stack(limit=12, file=out)
+        out.write(f"--- task {task.get_name()}\n")
+        out.writelines(line + "\n" for line in _await_chain(task.get_coro()))
     names = {t.ident: t.name for t in threading.enumerate()}
     for ident, frame in sys._current_frames().items():
         out.write(f"--- thread {names.get(ident, ident)}\n")

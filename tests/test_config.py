@@ -578,6 +578,9 @@ def test_qemu_ram_size_not_checked_for_file_driver(tmp_path):
     ("scan_interval_min = 2.0\nscan_interval_max = 1.0", "stream.scan_interval_max"),
     ("max_inflight_epochs = 0", "stream.max_inflight_epochs"),
     ("precopy_send_buffer = 4095", "stream.precopy_send_buffer"),
+    ("precopy_burst = 0.001", "stream.precopy_burst"),
+    ("precopy_burst = 0.5\nprecopy_interval = 0.25", "stream.precopy_burst"),
+    ("precopy_interval = 0", "stream.precopy_interval"),
     ("precopy_send_buffer = \"65MiB\"", "stream.precopy_send_buffer"),
 ])
 def test_stream_rules(tmp_path, stream, key):
@@ -592,6 +595,7 @@ def test_stream_rules(tmp_path, stream, key):
     "scan_interval_min = 0.5\nscan_interval_max = 0.5",
     "max_inflight_epochs = 1",
     "precopy_send_buffer = 0", "precopy_send_buffer = \"4KiB\"",
+    "precopy_burst = 0.01", "precopy_burst = 0.25",
     "precopy_send_buffer = \"64MiB\"",
 ])
 def test_stream_rule_boundaries_accepted(tmp_path, stream):

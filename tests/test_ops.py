@@ -961,6 +961,7 @@ def test_daemon_sighup_reloads_bandwidth_limit_and_sigusr1_logs_stacks(tmp_path,
     source.proc.send_signal(signal.SIGUSR1)
     source.wait_log(r"SIGUSR1: \d+ asyncio task")
     assert "--- task" in source.log() and "--- thread MainThread" in source.log(), source.log()
+    assert "in _session" in source.log(), source.log()      # the await chain, not its top
     assert api_get(tmp_path / "source", "/api/v1/status")["peer"]["connected"]
 
     assert source.stop() == 0, source.log()

@@ -162,8 +162,8 @@ class PrecopyStream:
                 # so the switch can send the last disk delta before QEMU inactivates them.
                 await proc.start_precopy(f"fd:{name}",
                                          pause_before_switchover=self.rep.disks is not None)
-            except QemuError:
-                with contextlib.suppress(QemuError):
+            except Exception:
+                with contextlib.suppress(Exception):
                     await proc.execute("closefd", {"fdname": name})   # QEMU never took it
                 raise
         except BaseException:
@@ -265,9 +265,9 @@ class PrecopyStream:
         Backlog (the first pass, a guest dirtying faster than one drain a tick carries): read
         QEMU's socket nonstop. Idle: every ``precopy_interval`` drain what QEMU queued since the
         last tick, then leave it blocked on its small send buffer. Each drain lets QEMU finish
-        the pass it is in, sync its dirty bitmap and send what the guest dirtied since, so a
-        page written many times within a tick travels once; the drain ends after that second
-        pass (or when the socket is empty), and QEMU blocks again after a few syncs instead of
+        the round it is in, sync its dirty bitmap and send what the guest dirtied since, so a
+        page written many times within a tick travels once; the drain ends after a second RAM
+        round (or when the socket is empty), and QEMU blocks again after a few syncs instead of
         spinning through them. A drain still busy after ``precopy_burst`` means QEMU has more
         than a tick's worth: backlog, until QEMU spins again (the poll).
         """
@@ -307,16 +307,18 @@ class PrecopyStream:
                     return
                 await self._forward(link, sid, memoryview(self._buf)[:n])
                 if self.iterations - passes >= 2:
-                    # The pass QEMU was blocked in, then one from a fresh sync: everything
-                    # dirtied up to this drain is out. Read on and QEMU only spins (a
-                    # re-sync per few pages), which never leaves the socket empty.
+                    # Two RAM rounds ended (QEMU ends one at least every ~50 ms, so not
+                    # necessarily a whole pass: what is left goes next tick, and
+                    # ram.remaining, the lag in bytes, shows it). Read on and QEMU mostly
+                    # spins (a re-sync per few pages), which never leaves the socket empty.
                     drained = True
                     break
                 await asyncio.sleep(0)             # the loop's other work goes on meanwhile
             if not drained:
                 self._backlog = True
                 continue
-            # QEMU had nothing more: what the shadow lacks is at most one tick old.
+            # QEMU had nothing more, or finished its rounds: treated as caught up (lag in
+            # seconds); what a round left behind is in ram.remaining (lag in bytes).
             self._caught_up_at = time.monotonic()
             with contextlib.suppress(asyncio.TimeoutError):
                 await wait_for(self.switching.wait(), s.precopy_interval)

@@ -54,7 +54,8 @@ class QuietQMPClient(QMPClient):
         a following ``getfd``. qemu.qmp reaches for the transport's private ``_sock``, which
         uvloop's transports do not have: send on a duplicate of the socket's descriptor
         instead (the same socket; closing the duplicate leaves it open)."""
-        assert self._writer is not None
+        if self._writer is None:
+            raise QemuError("QMP is not connected; cannot pass a file descriptor")
         transport = self._writer.transport
         real = transport.get_extra_info("socket")
         if real is None or real.family != socket.AF_UNIX:
