@@ -334,18 +334,6 @@ class LibvirtQemu(QemuProcess):
         return {"channel-type": "main", "addr": {"transport": "socket", "type": "fd",
                                                  "str": name}}
 
-    async def outgoing_uri(self, uri: str) -> str:
-        """The relay listens on a unix socket QEMU may not reach: connect it here, pass it."""
-        if not uri.startswith("unix:"):
-            return uri
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, uri[len("unix:"):])
-            return "fd:" + await self.pass_fd(sock.fileno(), "precopy")
-        finally:
-            sock.close()
-
     async def listen_address(self, sock_path: Path) -> dict[str, Any]:
         """Listen here (in our 0700 directory) and pass QEMU the socket. It is bound beside
         ``sock_path`` and takes that name only once QEMU's server took it (:meth:`listen_done`):

@@ -223,7 +223,7 @@ class QemuMigration:
             {**PRECOPY_CAPABILITIES, "pause-before-switchover": pause_before_switchover})
         await self.vm.execute("migrate-set-parameters", {"max-bandwidth": 0})
         self._save_prepared = False
-        await self.vm.execute("migrate", {"uri": await self.vm.outgoing_uri(uri)})
+        await self.vm.execute("migrate", {"uri": uri})
 
     async def open_precopy_incoming(self, sock_path: Path) -> socket.socket:
         """Shadow: start the incoming precopy and return the connected socket the relay writes

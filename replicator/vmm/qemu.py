@@ -457,10 +457,6 @@ class QemuProcess:
         """The channel for a device-state stream in the file ``path``: QEMU opens it."""
         return file_channel(path)
 
-    async def outgoing_uri(self, uri: str) -> str:
-        """The ``migrate`` URI for the relay's listener ``uri``: QEMU connects itself."""
-        return uri
-
     async def listen_address(self, sock_path: Path) -> dict[str, Any]:
         """QMP's legacy SocketAddress for a server of QEMU's on ``sock_path``."""
         return {"type": "unix", "data": {"path": str(sock_path)}}
