@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import re
 import secrets
@@ -34,6 +35,8 @@ from typing import Any
 from replicator.errors import QemuError
 from replicator.vmm.disks import DISK_FORMATS, DiskInfo, query_disks
 from replicator.vmm.qemu import QemuProcess
+
+log = logging.getLogger(__name__)
 
 _PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,47}$")
 _SUN_PATH_MAX = 107
@@ -227,6 +230,13 @@ class DirtyTracking:
         """Freeze the recording bitmap of every disk and start the next, atomically; older
         unacknowledged rounds are merged into the frozen one. Returns the frozen generation."""
         current = await self.bitmaps()
+        if any(b.busy for bms in current.values() for b in bms) and await self._exports():
+            # A round cut short can leave its export behind: a cancelled command that was
+            # already on its way (libvirt runs each in a thread of its own) may land after the
+            # round's cleanup looked. Nothing reads a frozen bitmap between rounds.
+            log.warning("QEMU %s: removing a leftover export of a dirty bitmap", self.proc.name)
+            await self.unexport_all()
+            current = await self.bitmaps()
         actions: list[dict[str, Any]] = []
         frozen_gens = set()
         for node, bms in current.items():

@@ -204,6 +204,9 @@ class LibvirtQemu(QemuProcess):
         self.host.use_stderr_log(LOG_DIR / f"{name}.log")
         self._callbacks: list[tuple[str, int]] = []
         self._gone = False
+        #: Commands still running in libvirt's thread whose caller stopped waiting (cancelled,
+        #: timed out): the next command waits for them, so it cannot overtake one.
+        self._abandoned: set[asyncio.Future[Any]] = set()
         self._pending_listen: tuple[Path, Path, str] | None = None
 
     @classmethod
@@ -300,8 +303,22 @@ class LibvirtQemu(QemuProcess):
         else:
             call = lambda: lq.qemuMonitorCommand(self.dom, text, 0)
         loop = asyncio.get_running_loop()
+        if self._abandoned:
+            # Over our own QMP socket a cancelled command still reaches QEMU before the next
+            # one; here each runs in a pool thread, and a cleanup's query-block-exports once
+            # ran before the block-export-add it was cleaning up after (CI, a switch cut
+            # short), leaving a bitmap busy for good.
+            await asyncio.wait(set(self._abandoned), timeout=timeout)
+        fut = loop.run_in_executor(self.lv._pool, call)
         try:
-            reply = await wait_for(loop.run_in_executor(self.lv._pool, call), timeout)
+            try:
+                reply = await wait_for(asyncio.shield(fut), timeout)
+            finally:
+                if not fut.done():
+                    self._abandoned.add(fut)
+                    fut.add_done_callback(self._abandoned.discard)
+                    # Retrieve its outcome: an abandoned failure is no "never retrieved" error.
+                    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         except asyncio.TimeoutError:
             raise QemuError(f"QEMU {self.name}: no answer to {cmd} within {timeout:g}s "
                             "(through libvirt)") from None
