@@ -83,7 +83,7 @@ def test_zstd_bomb_is_refused_before_allocating():
     buf = blocks_with(1, set())
     enc = encode_blocks(1, 0, np.array([0]), buf, hash_blocks(buf, 1), Compressor("zstd"))
     with pytest.raises(MalformedFrame, match="declares more"):
-        decode_blocks(dataclasses.replace(enc.message, payload=bomb), 8)
+        decode_blocks(dataclasses.replace(enc.message, codec="zstd", payload=bomb), 8)
 
 
 def test_block_count_digest_and_extent_helpers():

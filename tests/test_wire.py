@@ -87,8 +87,9 @@ SAMPLES: dict[type, list] = {
     m.AuthProof: [m.AuthProof(b"0\x82\x01\x0a" + b"c" * 200, b"s" * 64)],
     m.PrecopyStart: [m.PrecopyStart(1), m.PrecopyStart(2**40)],
     m.PrecopyReady: [m.PrecopyReady(7)],
-    m.PrecopyData: [m.PrecopyData(3, b"QEVM\x00\x00\x00\x03" + bytes(4096)),
-                    m.PrecopyData(3, b"")],
+    m.PrecopyData: [m.PrecopyData(3, "none", 4104, b"QEVM\x00\x00\x00\x03" + bytes(4096)),
+                    m.PrecopyData(3, "zstd", 4104, zstandard.compress(b"QEVM" + bytes(4100))),
+                    m.PrecopyData(3, "none", 0, b"")],
     m.PrecopyReturn: [m.PrecopyReturn(3, b"\x00\x07\x00\x00")],
     m.SwitchRelease: [m.SwitchRelease("abc123")],
     m.DiskOpen: [m.DiskOpen((m.DiskInfo(0, 64 << 20, "qcow2", 65536),
@@ -491,7 +492,9 @@ NPAGES = 64
 
 
 def make_pages(rng: np.random.Generator, n: int, zero_at: set[int]) -> bytearray:
-    buf = bytearray(rng.bytes(n * PAGE_SIZE))
+    # Distinct pages that compress (random 512-byte runs, each repeated): random pages
+    # would travel uncompressed (Compressor.pack) and not exercise the codec.
+    buf = bytearray(b"".join(rng.bytes(512) * (PAGE_SIZE // 512) for _ in range(n)))
     for i in zero_at:
         buf[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
     return buf
@@ -799,3 +802,24 @@ def test_float_field_refuses_an_integer_it_cannot_hold_exactly():
     body[5] = 2**53
     (out,) = decode_all(raw_frame(body))
     assert out.resumed_at == float(2**53)
+
+
+def test_incompressible_batches_travel_as_they_are_and_pause_compression():
+    rng = np.random.default_rng(7)
+    comp = Compressor("zstd", skip_after_miss=2)
+    compressible = b"".join(rng.bytes(512) * 8 for _ in range(4))
+    random = rng.bytes(4 * PAGE_SIZE)
+    codec, payload = comp.pack(compressible)
+    assert codec == "zstd" and len(payload) < len(compressible) // 4
+    codec, payload = comp.pack(random)
+    assert codec == "none" and bytes(payload) == random
+    # The next two are not tried, however well they would compress; then compression resumes.
+    assert [comp.pack(compressible)[0] for _ in range(3)] == ["none", "none", "zstd"]
+    # What each batch says it is decodes on the other side, either way.
+    idx = np.arange(4, dtype=np.int64)
+    for buf in (random, compressible):
+        enc = encode_batch(1, "ram", idx, memoryview(buf), hash_pages(buf, 4), comp)
+        frame = encode(enc.message)
+        dec = decode_batch(decode_body(frame[4:]), NPAGES)
+        assert dec.data == buf
+    assert Compressor("none").pack(random) == ("none", random)

@@ -356,52 +356,82 @@ class SinkReceiver:
         log.info("source %s (%s) connected; shadow at epoch %d", hello.node, link.peer, store.epoch)
         npages = {name: r.npages for name, r in store.regions.items()}
         seen_in = link.bytes_in
-        while True:
-            msg = await wait_for(link.recv(), self.cfg.peer.timeout)
-            self.metrics.received_bytes.inc(link.bytes_in - seen_in)
-            seen_in = link.bytes_in
-            if isinstance(msg, m.PageBatch):
-                if msg.region not in npages:
-                    raise ProtocolError(f"batch for unknown region {msg.region!r}")
-                if not store.epoch < msg.epoch <= store.epoch + MAX_EPOCH_STEP:
-                    raise ProtocolError(f"batch for epoch {msg.epoch}, the shadow is at "
-                                        f"{store.epoch}")
-                # Inline: ~0.5 ms per 1 MiB batch; a thread hop per batch cost as much again.
-                n = self._apply(msg, npages[msg.region])
-                self.stream_kind = "scan"
-                self.metrics.pages_written.inc(n)
-            elif isinstance(msg, m.EpochEnd):
-                if not store.epoch < msg.epoch <= store.epoch + MAX_EPOCH_STEP:
-                    raise ProtocolError(f"epoch {msg.epoch} cannot end now (the shadow is at "
-                                        f"{store.epoch})")
-                await asyncio.to_thread(store.commit_epoch, msg.epoch)
-                self.metrics.acked_epoch.set(msg.epoch)
-                await link.send(m.Ack(msg.epoch))
-            elif isinstance(msg, m.DiskBatch):
-                await self.disks.apply(msg)
-            elif isinstance(msg, m.DiskRoundEnd):
-                await self.disks.end_round(msg.generation)
-                await link.send(m.DiskAck(msg.generation))
-            elif isinstance(msg, m.DiskOpen):
-                try:
-                    await self.disks.open(msg.disks, self._source_disk_paths())
-                except LayoutMismatch as exc:
-                    await _reject(link, str(exc))
-                    raise
-                await self.disks.send_manifests(link)
-            elif isinstance(msg, m.Ping):
-                await link.send(m.Pong(msg.nonce))
-            elif isinstance(msg, m.VerifyRequest):
-                await link.send(m.VerifyReply(msg.nonce, store.epoch, store.digests()))
-            elif isinstance(msg, m.ErrorMessage):
-                raise PeerError(f"source reported: {msg.message}")
-            elif self.precopy_handler is not None and isinstance(
-                    msg, (m.PrecopyStart, m.PrecopyData, m.SwitchRelease)):
-                await self.precopy_handler(msg, link)
-            elif self.switch_handler is not None and isinstance(msg, _SWITCH_MESSAGES):
-                await self.switch_handler(msg, link)
-            else:
-                raise ProtocolError(f"unexpected {type(msg).__name__} from the source")
+        # One batch is verified and written in a thread while the loop receives (and decrypts)
+        # the next; any other message waits until it is written.
+        applying: asyncio.Future | None = None
+        try:
+            while True:
+                if applying is None:
+                    msg = await wait_for(link.recv(), self.cfg.peer.timeout)
+                else:
+                    recv = asyncio.ensure_future(wait_for(link.recv(), self.cfg.peer.timeout))
+                    try:
+                        # A bad batch ends the session as soon as it is found, not at the
+                        # next frame (which may never come).
+                        await asyncio.wait({recv, applying}, return_when=asyncio.FIRST_COMPLETED)
+                        self.metrics.pages_written.inc(await asyncio.shield(applying))
+                        applying = None
+                        msg = await recv
+                    finally:
+                        if recv.done():
+                            if not recv.cancelled():
+                                recv.exception()
+                        else:
+                            recv.cancel()
+                self.metrics.received_bytes.inc(link.bytes_in - seen_in)
+                seen_in = link.bytes_in
+                if isinstance(msg, m.PageBatch):
+                    if msg.region not in npages:
+                        raise ProtocolError(f"batch for unknown region {msg.region!r}")
+                    if not store.epoch < msg.epoch <= store.epoch + MAX_EPOCH_STEP:
+                        raise ProtocolError(f"batch for epoch {msg.epoch}, the shadow is at "
+                                            f"{store.epoch}")
+                    applying = asyncio.ensure_future(
+                        asyncio.to_thread(self._apply, msg, npages[msg.region]))
+                    self.stream_kind = "scan"
+                else:
+                    await self._on_message(link, store, msg)
+        finally:
+            if applying is not None:
+                # It writes into the store: let it end before anyone closes the store.
+                await asyncio.wait([applying])
+                if not applying.cancelled():
+                    applying.exception()
+
+    async def _on_message(self, link: Link, store: Any, msg: Any) -> None:
+        """Every message of a session but page batches."""
+        if isinstance(msg, m.EpochEnd):
+            if not store.epoch < msg.epoch <= store.epoch + MAX_EPOCH_STEP:
+                raise ProtocolError(f"epoch {msg.epoch} cannot end now (the shadow is at "
+                                    f"{store.epoch})")
+            await asyncio.to_thread(store.commit_epoch, msg.epoch)
+            self.metrics.acked_epoch.set(msg.epoch)
+            await link.send(m.Ack(msg.epoch))
+        elif isinstance(msg, m.DiskBatch):
+            await self.disks.apply(msg)
+        elif isinstance(msg, m.DiskRoundEnd):
+            await self.disks.end_round(msg.generation)
+            await link.send(m.DiskAck(msg.generation))
+        elif isinstance(msg, m.DiskOpen):
+            try:
+                await self.disks.open(msg.disks, self._source_disk_paths())
+            except LayoutMismatch as exc:
+                await _reject(link, str(exc))
+                raise
+            await self.disks.send_manifests(link)
+        elif isinstance(msg, m.Ping):
+            await link.send(m.Pong(msg.nonce))
+        elif isinstance(msg, m.VerifyRequest):
+            await link.send(m.VerifyReply(msg.nonce, store.epoch, store.digests()))
+        elif isinstance(msg, m.ErrorMessage):
+            raise PeerError(f"source reported: {msg.message}")
+        elif self.precopy_handler is not None and isinstance(
+                msg, (m.PrecopyStart, m.PrecopyData, m.SwitchRelease)):
+            await self.precopy_handler(msg, link)
+        elif self.switch_handler is not None and isinstance(msg, _SWITCH_MESSAGES):
+            await self.switch_handler(msg, link)
+        else:
+            raise ProtocolError(f"unexpected {type(msg).__name__} from the source")
 
     def _source_disk_paths(self) -> tuple[str, ...]:
         from .vmcheck import parse_description

@@ -200,18 +200,31 @@ class ScanStream:
         max_inflight = self.rep.cfg.stream.max_inflight_epochs
         while True:
             epoch, rnd = await self._queue.get()
-            for region, idx in rnd.dirty.items():
-                for i in range(0, len(idx), batch):
-                    sub = ledger.take_pending(region, idx[i:i + batch])
-                    if not len(sub):
-                        continue
-                    out = await asyncio.to_thread(self._prepare, region, sub, epoch)
-                    if out is None:
-                        continue
-                    frame, enc = out
-                    t0 = time.monotonic()
-                    await link.send_frame(frame)
-                    self._account(enc, len(frame), time.monotonic() - t0)
+            # One batch ahead: the next is read, hashed and compressed in a thread while this
+            # one is encrypted and sent on the loop (both mostly outside the GIL).
+            pending: asyncio.Future | None = None
+            try:
+                for region, idx in rnd.dirty.items():
+                    for i in range(0, len(idx), batch):
+                        sub = ledger.take_pending(region, idx[i:i + batch])
+                        if not len(sub):
+                            continue
+                        # The previous batch's thread is done before the next one starts
+                        # (they share the read buffer); its frame goes out meanwhile.
+                        prev = await asyncio.shield(pending) if pending is not None else None
+                        pending = asyncio.ensure_future(
+                            asyncio.to_thread(self._prepare, region, sub, epoch))
+                        await self._send_prepared(link, prev)
+                if pending is not None:
+                    prev, pending = await asyncio.shield(pending), None
+                    await self._send_prepared(link, prev)
+            finally:
+                if pending is not None:
+                    # The thread fills the read buffer and the ledger: let it end first
+                    # (shielded above, so a cancel did not cut it loose).
+                    await asyncio.wait([pending])
+                    if not pending.cancelled():
+                        pending.exception()
             await link.send(m.EpochEnd(epoch))
             ledger.epoch_sent(epoch)
             if self._queue.empty():
@@ -219,6 +232,14 @@ class ScanStream:
             async with self._acked:
                 while ledger.unacked_epochs() >= max_inflight:
                     await self._acked.wait()
+
+    async def _send_prepared(self, link: Link, out: tuple[bytes, Any] | None) -> None:
+        if out is None:
+            return
+        frame, enc = out
+        t0 = time.monotonic()
+        await link.send_frame(frame)
+        self._account(enc, len(frame), time.monotonic() - t0)
 
     def _account(self, enc: Any, wire: int, busy: float) -> None:
         self.rep.ledger.record_sent(enc.raw_bytes, wire, busy)

@@ -78,13 +78,14 @@ def encode_blocks(generation: int, disk: int, indices: np.ndarray, buf: memoryvi
     data_mask = ~zero_mask
     raw = memoryview(buf)[:n * BLOCK_SIZE] if data_mask.all() else arr[data_mask].tobytes()
     ndata = int(data_mask.sum())
+    codec, payload = compressor.pack(raw) if ndata else (compressor.codec, b"")
     msg = DiskBatch(
-        generation=generation, disk=disk, codec=compressor.codec,
+        generation=generation, disk=disk, codec=codec,
         zero=indices[zero_mask].astype("<u4").tobytes(),
         blocks=indices[data_mask].astype("<u4").tobytes(),
         hashes=hashes[data_mask].astype("<u8").tobytes(),
         raw_len=ndata * BLOCK_SIZE,
-        payload=compressor.compress(raw) if ndata else b"")
+        payload=payload)
     return EncodedBlocks(msg, n - ndata, ndata, n * BLOCK_SIZE)
 
 

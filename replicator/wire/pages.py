@@ -35,13 +35,38 @@ def hash_pages(buf: memoryview | bytes | bytearray, count: int) -> np.ndarray:
 
 
 class Compressor:
-    """One codec, reused across batches (not thread-safe: one per sender)."""
+    """One codec, reused across batches (not thread-safe: one per sender).
 
-    def __init__(self, codec: str = "zstd", level: int = 1):
+    :meth:`pack` sends a batch that does not shrink (already compressed or encrypted data
+    in the guest, random fill) as it is, and then does not try the next ``skip_after_miss``
+    batches: compressing incompressible data costs the source as much CPU as the rest of its
+    work on a batch, and the sink a pointless copy.
+    """
+
+    #: A batch whose compressed size is above this share of its size travels uncompressed.
+    WORTH = 0.97
+
+    def __init__(self, codec: str = "zstd", level: int = 1, skip_after_miss: int = 16):
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}")
         self.codec = codec
         self._zc = zstandard.ZstdCompressor(level=level) if codec == "zstd" else None
+        self.skip_after_miss = skip_after_miss
+        self._skip = 0
+
+    def pack(self, data: bytes | memoryview) -> tuple[str, bytes | memoryview]:
+        """``(codec, payload)`` for ``data``: compressed, or ``("none", data)`` itself when
+        compressing does not pay (the caller copies it into its frame)."""
+        if self.codec == "none":
+            return "none", data
+        if self._skip > 0:
+            self._skip -= 1
+            return "none", data
+        out = self.compress(data)
+        if len(out) > len(data) * self.WORTH:
+            self._skip = self.skip_after_miss
+            return "none", data
+        return self.codec, out
 
     def compress(self, data: bytes | memoryview) -> bytes:
         if self.codec == "zstd":
@@ -82,9 +107,9 @@ def encode_batch(epoch: int, region: str, indices: np.ndarray, buf: memoryview |
         raw = memoryview(buf)[:n * PAGE_SIZE]
     else:
         raw = arr[data_mask].tobytes()
-    payload = compressor.compress(raw) if len(data_idx) else b""
+    codec, payload = compressor.pack(raw) if len(data_idx) else (compressor.codec, b"")
     msg = PageBatch(
-        epoch=epoch, region=region, codec=compressor.codec,
+        epoch=epoch, region=region, codec=codec,
         zero=indices[zero_mask].astype("<u4").tobytes(),
         pages=data_idx.astype("<u4").tobytes(),
         hashes=hashes[data_mask].astype("<u8").tobytes(),
