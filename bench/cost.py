@@ -164,6 +164,13 @@ async def window(pair: Any, seconds: float, poll: float, replicating: bool) -> d
         w["syncs_per_s"] = round(((pre1["dirty_sync_count"] or 0)
                                   - (pre0["dirty_sync_count"] or 0)) / dt, 2)
         sent_pages = pre1["pages_forwarded"] - pre0["pages_forwarded"]
+        if "drains" in pre0 and "drains" in pre1:
+            # How the relay's idle drains ended in the window (burst: turned to backlog).
+            w["drains"] = {k: pre1["drains"][k] - pre0["drains"].get(k, 0)
+                           for k in pre1["drains"]}
+            w["drains"]["backlogs"] = pre1.get("backlogs", 0) - pre0.get("backlogs", 0)
+            w["drains"]["backlog_s"] = round(pre1.get("backlog_seconds", 0)
+                                             - pre0.get("backlog_seconds", 0), 2)
     else:
         w["scans_per_s"] = round((r1[0] - r0[0]) / dt, 2)
         sent_pages = raw / PAGE
@@ -345,6 +352,8 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
         for label, r in (("idle", idle), ("busy", busy)):
             w = r.get("replicating") or {}
             out[f"{prefix}{rate}_{label}"] = w.get(rate)
+            if "drains" in w:
+                out[f"drains_{label}"] = w["drains"]
             cpu = w.get("cpu_pct") or {}
             out[f"{prefix}cpu_pct_{label}"] = {**cpu, "baseline_qemu": (
                 (r.get("baseline") or {}).get("cpu_pct") or {}).get("qemu")}

@@ -715,7 +715,7 @@ def _hostile_frames(rng: random.Random, epoch: int, max_frame: int) -> list[tupl
         ("proof mid-session", m.AuthProof(b"c", b"s"), "error"),
         ("VerifyReply from source", m.VerifyReply(1, 1, (b"x",)), "error"),
         ("PrecopyStart to a file sink", m.PrecopyStart(1), "error"),
-        ("PrecopyData to a file sink", m.PrecopyData(1, b"QEVM"), "error"),
+        ("PrecopyData to a file sink", m.PrecopyData(1, "none", 4, b"QEVM"), "error"),
         ("unknown type", HEADER.pack(3) + b"\x92\x63\x01", "error"),
         ("type as string", HEADER.pack(4) + b"\x92\xa1\x36\x01", "error"),
         ("epoch as string", _raw([6, "1", "ram0", "none", b"", b"", b"", 0, b""]), "error"),

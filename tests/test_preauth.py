@@ -479,14 +479,14 @@ async def test_link_recv_limit_applies_to_one_frame():
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
-        big = encode(m.PrecopyData(1, b"x" * 1000))
+        big = encode(m.PrecopyData(1, "none", 1000, b"x" * 1000))
         writer.write(big + big)
         await writer.drain()
         await _until_closed(reader)
         writer.close()
     finally:
         server.close()
-    assert got == [m.PrecopyData(1, b"x" * 1000), "refused"], got
+    assert got == [m.PrecopyData(1, "none", 1000, b"x" * 1000), "refused"], got
 
 
 async def test_every_tls_client_completes_its_handshake_with_a_real_daemon(shm_dir):

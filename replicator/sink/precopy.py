@@ -23,13 +23,13 @@ from typing import Any
 
 import xxhash
 
-from ..errors import DomainError, ProtocolError, QemuError
+from ..errors import DomainError, MalformedFrame, ProtocolError, QemuError
 from ..link import Link
 from ..vmm.migration_format import DeviceStateBegin, PageKind, PageRecord
 from ..vmm.migration_stream import PrecopyParser
 from ..vmm.spec import RAM_BACKEND_ID
 from ..wire import messages as m
-from ..wire.pages import ZERO_HASH
+from ..wire.pages import ZERO_HASH, decompress
 from .receiver import SinkReceiver
 from .switch import SinkSwitch
 
@@ -68,7 +68,13 @@ class PrecopySink:
             if msg.session != self.session or self._qsock is None:
                 raise ProtocolError(f"precopy data for session {msg.session}, "
                                     f"expected {self.session}")
-            await self._data(msg.data, link)
+            if not 0 <= msg.raw_len <= link.max_frame:
+                raise ProtocolError(f"precopy chunk of {msg.raw_len} bytes exceeds the frame "
+                                    f"limit {link.max_frame}")
+            data = decompress(msg.codec, msg.data, msg.raw_len)
+            if len(data) != msg.raw_len:
+                raise MalformedFrame("precopy chunk does not decompress to raw_len bytes")
+            await self._data(data, link)
         elif isinstance(msg, m.SwitchRelease):
             await self._release(link)
 

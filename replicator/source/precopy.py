@@ -38,7 +38,7 @@ from ..errors import DomainError, PeerError, ProtocolError, QemuError
 from ..link import Link
 from ..wire import messages as m
 from ..wire.codec import encode
-from ..wire.pages import ZERO_HASH
+from ..wire.pages import ZERO_HASH, Compressor
 from ..vmm.migration_editor import PrecopyEditor
 from ..vmm.migration_format import PageKind, PageRecord, RamEos
 from ..vmm.spec import RAM_BACKEND_ID
@@ -78,6 +78,13 @@ class PrecopyStream:
         self.relayed_bytes = 0
         self.stream_bytes = 0
         self.device_state_offset = 0
+        #: How idle drains ended: QEMU's socket empty, two RAM rounds read, or the burst's
+        #: time up (a backlog).
+        self.drains = {"empty": 0, "rounds": 0, "burst": 0}
+        #: Backlogs entered (the first pass of each session included), and their time in all.
+        self.backlogs = 0
+        self.backlog_seconds = 0.0
+        self._backlog_since: float | None = None
         self._backlog = True
         # When QEMU last had nothing queued for the shadow. Kept across sessions: a new
         # session proves nothing until it caught up again.
@@ -91,6 +98,9 @@ class PrecopyStream:
         self._qpeer_small = False
         self._editor: PrecopyEditor | None = None
         self._buf = bytearray(RECV_CHUNK)
+        # What leaves the relay is compressed like page batches (a chunk that does not shrink,
+        # a guest's random or encrypted pages, travels as it is).
+        self._compressor = Compressor(rep.cfg.stream.compression, rep.cfg.stream.zstd_level)
         #: QEMU's guest throttling, armed with each held-open migration (the switch's too).
         self.throttle = throttle
 
@@ -176,10 +186,11 @@ class PrecopyStream:
         self._editor = PrecopyEditor(self._drop_page)
 
     def _pace_qemu(self, idle: bool) -> None:
-        """Idle: give QEMU's end a small send buffer (``stream.precopy_send_buffer``). Between
-        the relay's drains its migration loop then blocks after a few dirty syncs instead of
-        re-syncing about a thousand times a second (under KVM each sync also write-protects
-        guest RAM again). Otherwise the kernel's default: bulk reads, fewer frames."""
+        """Idle, between the relay's drains: give QEMU's end a small send buffer
+        (``stream.precopy_send_buffer``), so its migration loop blocks after a few dirty syncs
+        instead of re-syncing about a thousand times a second (under KVM each sync also
+        write-protects guest RAM again). Otherwise (a drain, a backlog, the switch) the
+        kernel's default: bulk reads, fewer frames. Growing the buffer wakes a blocked QEMU."""
         small = self.rep.cfg.stream.precopy_send_buffer
         if self._qpeer is None or not small or self._qpeer_small == idle:
             return
@@ -252,7 +263,8 @@ class PrecopyStream:
         data = b"".join(out)
         if data:
             t0 = time.monotonic()
-            n = await link.send_frame(encode(m.PrecopyData(sid, data)))
+            codec, payload = self._compressor.pack(data)
+            n = await link.send_frame(encode(m.PrecopyData(sid, codec, len(data), payload)))
             self.relayed_bytes += len(data)
             self.rep.ledger.record_sent(len(chunk), n, time.monotonic() - t0)
             mt = self.rep.metrics
@@ -285,6 +297,9 @@ class PrecopyStream:
                 await self._forward(link, sid, memoryview(self._buf)[:n])
                 continue
             if self._backlog or not self.qemu_info:
+                if self.pacing != "backlog":
+                    self.backlogs += 1
+                    self._backlog_since = time.monotonic()
                 self.pacing = "backlog"
                 self._pace_qemu(False)
                 n = await loop.sock_recv_into(sock, self._buf)
@@ -292,29 +307,39 @@ class PrecopyStream:
                     break
                 await self._forward(link, sid, memoryview(self._buf)[:n])
                 continue
-            self.pacing = "idle"
-            self._pace_qemu(True)
             t0 = time.monotonic()
+            if self.pacing == "backlog" and self._backlog_since is not None:
+                self.backlog_seconds += t0 - self._backlog_since
+            self.pacing = "idle"
             passes = self.iterations
-            drained = False
+            ended = ""
+            # QEMU's first round carries what the guest wrote since the last tick: it goes with
+            # the full buffer. From its end on the small one again, so a QEMU with little left
+            # re-syncs only a few times before it blocks (see _pace_qemu).
+            self._pace_qemu(False)
             while time.monotonic() - t0 < s.precopy_burst:
                 try:
                     n = sock.recv_into(self._buf)
                 except BlockingIOError:
-                    drained = True
+                    ended = "empty"
                     break
                 if n == 0:
                     return
                 await self._forward(link, sid, memoryview(self._buf)[:n])
+                if self.iterations > passes:
+                    self._pace_qemu(True)
                 if self.iterations - passes >= 2:
                     # Two RAM rounds ended (QEMU ends one at least every ~50 ms, so not
                     # necessarily a whole pass: what is left goes next tick, and
                     # ram.remaining, the lag in bytes, shows it). Read on and QEMU mostly
                     # spins (a re-sync per few pages), which never leaves the socket empty.
-                    drained = True
+                    ended = "rounds"
                     break
                 await asyncio.sleep(0)             # the loop's other work goes on meanwhile
-            if not drained:
+            # Small again: what QEMU queued meanwhile waits in the socket for the next tick.
+            self._pace_qemu(True)
+            self.drains[ended or "burst"] += 1
+            if not ended:
                 self._backlog = True
                 continue
             # QEMU had nothing more, or finished its rounds: treated as caught up (lag in
@@ -382,6 +407,8 @@ class PrecopyStream:
             "pages_forwarded": self.pages_forwarded, "pages_dropped": self.pages_dropped,
             "zero_records": self.zero_records, "iterations": self.iterations,
             "stream_bytes": self.stream_bytes, "relayed_bytes": self.relayed_bytes,
+            "drains": dict(self.drains), "backlogs": self.backlogs,
+            "backlog_seconds": round(self.backlog_seconds, 3),
         }
 
     @property

@@ -29,7 +29,8 @@ from typing import ClassVar
 from ..errors import MalformedFrame
 
 #: 2: Hello/Welcome carry the placement generation (the round trip, split-brain refusal).
-PROTOCOL_VERSION = 2
+#: 3: PrecopyData is compressed (codec, raw_len).
+PROTOCOL_VERSION = 3
 
 #: Domain and region names (they become file names on the sink): 1-64 of letters, digits and
 #: ``._-``, not starting with ``._-``. Config validation uses the same rule.
@@ -268,9 +269,12 @@ class PrecopyReady:
 
 @dataclass(frozen=True, slots=True)
 class PrecopyData:
-    """A chunk of the (edited) migration main channel, in stream order."""
+    """A chunk of the (edited) migration main channel, in stream order: ``raw_len`` bytes,
+    compressed with ``codec`` into ``data`` (``"none"``: ``data`` is the chunk itself)."""
     TYPE: ClassVar[int] = 42
     session: int
+    codec: str
+    raw_len: int
     data: bytes
 
 
