@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import time
 from types import SimpleNamespace
 
 from replicator.config import StreamConfig
@@ -115,3 +116,14 @@ async def test_an_idle_drain_reads_qemus_first_round_with_the_full_buffer():
     assert [(data, buf) for data, buf in seen] == [
         (b"p" * 3000 + b"E", default), (b"q" * 10, 2 * 4096), (b"E", 2 * 4096)]
     assert stream.drains == {"empty": 0, "rounds": 1, "burst": 0}
+
+
+async def test_backlog_time_is_counted_until_the_first_idle_drain():
+    stream = make_stream(precopy_interval=5.0)
+    stream.pacing, stream.backlogs = "backlog", 1
+    stream._backlog_since = time.monotonic() - 1.0      # a first pass that took a second
+    await _one_drain(stream, b"p" * 100)
+    assert stream.pacing == "idle" and stream.backlogs == 1
+    assert 1.0 <= stream.backlog_seconds < 3.0
+    status = stream.precopy_status()
+    assert status["backlogs"] == 1 and status["drains"]["empty"] == 1

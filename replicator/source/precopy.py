@@ -136,7 +136,9 @@ class PrecopyStream:
         sid = self.session_no
         self.switching.clear()
         self.qemu_info = {}                       # figures of the previous migration are void
-        self.pacing = "backlog"
+        self.pacing = "backlog"                   # the first pass
+        self.backlogs += 1
+        self._backlog_since = time.monotonic()
         self._backlog = True
         await link.send(m.PrecopyStart(sid))
         ready = await rep.next_response(m.PrecopyReady, 60)
@@ -149,6 +151,9 @@ class PrecopyStream:
                 asyncio.create_task(self._poll_qemu(), name="precopy-poll")]
 
     async def stop(self) -> None:
+        if self.pacing == "backlog" and self._backlog_since is not None:
+            self.backlog_seconds += time.monotonic() - self._backlog_since
+        self._backlog_since = None
         await self._stop_migration()
 
     async def session_ended(self) -> None:
