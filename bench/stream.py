@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python -m bench.stream [--size 1GiB] [--quick] [--profile [CODEC-LINK]]
         [--loop uvloop] [--codecs none,lz4,zstd,zstd-tls] [--lag-link tls|plain]
-        [--batch-pages N] [--exp lazy-scan,mmap-scan,prefetch,sink-inline] [--wait-quiet S]
+        [--batch-pages N] [--exp lazy-scan,mmap-scan,sink-inline] [--wait-quiet S]
 
 Prints markdown tables on stdout (progress goes to stderr):
 
@@ -462,49 +462,6 @@ def tracker_class() -> type:
     return LazyScan if lazy else MmapScan if mm else TimedScan
 
 
-def prefetch_source_class() -> type:
-    """exp prefetch: prepare (read+hash+compress) batch i+1 in the worker while batch i is sent."""
-    from replicator.source.sender import SourceReplicator
-
-    class PrefetchSource(SourceReplicator):
-        async def _send_loop(self, link: Any) -> None:
-            from replicator.wire import messages as m
-            batch = self.cfg.stream.batch_pages
-            max_inflight = self.cfg.stream.max_inflight_epochs
-            while True:
-                epoch, rnd = await self._queue.get()
-                jobs = ((region, idx[i:i + batch]) for region, idx in rnd.dirty.items()
-                        for i in range(0, len(idx), batch))
-
-                def start_next() -> Any:
-                    for region, chunk in jobs:
-                        sub = self.ledger.take_pending(region, chunk)
-                        if len(sub):
-                            return asyncio.ensure_future(
-                                asyncio.to_thread(self._prepare, region, sub, epoch))
-                    return None
-                fut = start_next()
-                try:
-                    while fut is not None:
-                        out = await fut
-                        fut = start_next()          # overlaps with the send below
-                        if out is None:
-                            continue
-                        frame, enc = out
-                        t0 = time.monotonic()
-                        await link.send_frame(frame)
-                        self._account(enc, len(frame), time.monotonic() - t0)
-                finally:
-                    if fut is not None:
-                        fut.cancel()
-                await link.send(m.EpochEnd(epoch))
-                self.ledger.epoch_sent(epoch)
-                async with self._acked:
-                    while self.ledger.unacked_epochs() >= max_inflight:
-                        await self._acked.wait()
-    return PrefetchSource
-
-
 def install_inline_to_thread() -> None:
     """exp sink-inline (sink child only): run to_thread work inline on the event loop thread."""
     async def inline(func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -656,7 +613,7 @@ class Source:
         self.sink = Child(args)
         self.cfg = source_config(ram, self.sink.port, codec, pairing["source"] if pairing else None)
         self.ram = ram
-        self._cls = prefetch_source_class() if "prefetch" in EXPERIMENTS else SourceReplicator
+        self._cls = SourceReplicator
         self.src: Any = None
         self.task: asyncio.Task | None = None
 
@@ -1029,7 +986,7 @@ def main() -> None:
     ap.add_argument("--_inline", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_tls", help=argparse.SUPPRESS)
     ap.add_argument("--exp", default="", help="comma list of patch prototypes to apply inside "
-                    "the bench: lazy-scan, mmap-scan, prefetch (source), sink-inline (sink)")
+                    "the bench: lazy-scan, mmap-scan (source), sink-inline (sink)")
     a = ap.parse_args()
     if a._sink:
         coro = _sink_child(a._sink, a._profile, a.loop == "uvloop", a._inline, a._tls)
@@ -1051,7 +1008,7 @@ def main() -> None:
         ap.error("this checkout has no TLS link (replicator.identity / peer.id)")
     codecs = tuple(filter(None, a.codecs.split(",")))
     EXPERIMENTS.update(filter(None, a.exp.split(",")))
-    unknown = EXPERIMENTS - {"lazy-scan", "prefetch", "sink-inline", "mmap-scan"}
+    unknown = EXPERIMENTS - {"lazy-scan", "sink-inline", "mmap-scan"}
     if unknown:
         ap.error(f"unknown --exp {sorted(unknown)}")
     use_uvloop = a.loop == "uvloop"

@@ -151,10 +151,14 @@ class PrecopyStream:
                 asyncio.create_task(self._poll_qemu(), name="precopy-poll")]
 
     async def stop(self) -> None:
-        if self.pacing == "backlog" and self._backlog_since is not None:
-            self.backlog_seconds += time.monotonic() - self._backlog_since
-        self._backlog_since = None
+        self._end_backlog(time.monotonic())
         await self._stop_migration()
+
+    def _end_backlog(self, now: float) -> None:
+        """Add the backlog under way (if any) to ``backlog_seconds``."""
+        if self.pacing == "backlog" and self._backlog_since is not None:
+            self.backlog_seconds += now - self._backlog_since
+        self._backlog_since = None
 
     async def session_ended(self) -> None:
         pass
@@ -313,8 +317,7 @@ class PrecopyStream:
                 await self._forward(link, sid, memoryview(self._buf)[:n])
                 continue
             t0 = time.monotonic()
-            if self.pacing == "backlog" and self._backlog_since is not None:
-                self.backlog_seconds += t0 - self._backlog_since
+            self._end_backlog(t0)
             self.pacing = "idle"
             passes = self.iterations
             ended = ""
