@@ -177,6 +177,8 @@ async def window(pair: Any, seconds: float, poll: float, replicating: bool) -> d
     if dirtied >= 1:
         w["wire_bytes_per_dirtied_page"] = round(wire / dirtied)
         w["pages_sent_per_dirtied_page"] = round(sent_pages / dirtied, 2)
+    if sent_pages >= 1:
+        w["wire_bytes_per_sent_page"] = round(wire / sent_pages)
     return w
 
 
@@ -346,8 +348,12 @@ def headline(res: dict[str, Any]) -> dict[str, Any]:
             out["loopback_MBps"] = (s.get("plain") or {}).get("MBps")
             out["tls_loopback_MBps"] = (s.get("tls") or {}).get("MBps")
             out["raw_tcp_MBps"] = (s.get("raw") or {}).get("MBps")
-        for k in ("lag_p50_ms", "lag_p99_ms", "pages_sent_per_dirtied_page"):
+        for k in ("lag_p50_ms", "lag_p99_ms", "pages_sent_per_dirtied_page",
+                  "wire_bytes_per_sent_page"):
             out[prefix + k] = bw.get(k)
+        # What the idle guest (its kernel) writes: it travels in the busy window too, on top
+        # of the dirtier's pages (see the notes on wire bytes per dirtied page).
+        out[prefix + "idle_wire_kBps"] = (idle.get("replicating") or {}).get("wire_kBps")
         rate = "syncs_per_s" if not prefix else "scans_per_s"
         for label, r in (("idle", idle), ("busy", busy)):
             w = r.get("replicating") or {}
@@ -474,7 +480,12 @@ NOTES = """## Notes
 * **Wire bytes per dirtied page** = wire bytes the source sent in the window (status
   `sent_bytes.wire`, after compression, before TLS) / (guest's mean `DIRTY` MiB/s × window /
   4 KiB). The pages sent / dirtied figure counts pages QEMU's stream carried (precopy: records
-  forwarded; scan: raw bytes / 4 KiB).
+  forwarded; scan: raw bytes / 4 KiB). The dirtier rewrites whole pages with fresh pseudo-random
+  bytes (`deploy/guest/guestload.c`), walking through its area, so each dirtied page carries
+  4096 bytes that no compression or coalescing can save: 4096 plus the records' headers is the
+  floor. What the guest's kernel writes meanwhile (`idle_wire_kBps`, the idle window's wire rate)
+  travels on top and counts against the dirtier's pages; `wire_bytes_per_sent_page` is the
+  wire per page the stream carried.
 * **Lag** percentiles come from polling `/api/v1/status` during the window, so p99 is about the
   maximum of the samples. The polls cost the daemon a little CPU; the no-peer daemon figure
   includes the same polling.

@@ -12,7 +12,7 @@ import time
 from types import SimpleNamespace
 
 from replicator.config import StreamConfig
-from replicator.source.precopy import PrecopyStream
+from replicator.source.precopy import SPIN_ROUNDS, PrecopyStream
 
 from .conftest import wait_until
 
@@ -71,27 +71,42 @@ def test_backlog_begins_on_a_large_remainder_and_ends_when_qemu_spins_again():
     assert stream._judge_backlog(remaining=4096, syncs=4) is False
 
 
-async def _one_drain(stream: PrecopyStream, *writes: bytes) -> list[tuple[bytes, int]]:
-    """Run the pump for one idle drain. QEMU has written ``writes[0]`` since the last tick and
-    writes each next one once the relay has forwarded a chunk (an ``E`` ends a RAM round).
-    Returns each chunk forwarded with QEMU's send buffer at that moment."""
+def _run_pump(stream: PrecopyStream, theirs: socket.socket, *writes: bytes
+              ) -> tuple[asyncio.Task, list[tuple[bytes, int, int]]]:
+    """Start the pump on a stand-in for QEMU's stream. QEMU has written ``writes[0]`` and
+    writes each next one once the relay has sent a chunk on (an ``E`` ends a RAM round). The
+    list gets each chunk with QEMU's send buffer when it was parsed and when it was sent."""
+    later = list(writes[1:])
+    theirs.sendall(writes[0])
+    seen: list[tuple[bytes, int, int]] = []
+    parsed: list[int] = []
+
+    def parse(chunk):
+        parsed.append(sndbuf(theirs))
+        stream.iterations += bytes(chunk).count(b"E")
+        return bytes(chunk)
+
+    async def relay(_link, _sid, _n, data):
+        seen.append((data, parsed[-1], sndbuf(theirs)))
+        if later:
+            theirs.sendall(later.pop(0))
+    stream._parse, stream._relay = parse, relay
+    return asyncio.create_task(stream._pump(None, 1)), seen
+
+
+def _plug(stream: PrecopyStream, ours: socket.socket, theirs: socket.socket, backlog: bool):
+    ours.setblocking(False)
+    stream._qsock, stream._qpeer, stream._qpeer_default = ours, theirs, sndbuf(theirs)
+    stream._backlog, stream.qemu_info = backlog, {"status": "active"}
+    stream._pace_qemu(not backlog)
+
+
+async def _one_drain(stream: PrecopyStream, *writes: bytes) -> list[tuple[bytes, int, int]]:
+    """Run the pump for one idle drain (see _run_pump)."""
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        ours.setblocking(False)
-        stream._qsock, stream._qpeer, stream._qpeer_default = ours, theirs, sndbuf(theirs)
-        stream._backlog, stream.qemu_info = False, {"status": "active"}
-        stream._pace_qemu(True)
-        later = list(writes[1:])
-        theirs.sendall(writes[0])
-        seen: list[tuple[bytes, int]] = []
-
-        async def forward(_link, _sid, chunk):
-            seen.append((bytes(chunk), sndbuf(theirs)))
-            stream.iterations += bytes(chunk).count(b"E")
-            if later:
-                theirs.sendall(later.pop(0))
-        stream._forward = forward
-        pump = asyncio.create_task(stream._pump(None, 1))
+        _plug(stream, ours, theirs, backlog=False)
+        pump, seen = _run_pump(stream, theirs, *writes)
         try:
             await wait_until(lambda: sum(stream.drains.values()) == 1, 5, "one drain")
         finally:
@@ -101,21 +116,57 @@ async def _one_drain(stream: PrecopyStream, *writes: bytes) -> list[tuple[bytes,
         return seen
 
 
+DEFAULT = sndbuf(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+SMALL = 2 * 4096
+
+
 async def test_an_idle_drain_reads_qemus_first_round_with_the_full_buffer():
     stream = make_stream(precopy_interval=5.0)
-    default = sndbuf(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
     # A tick's worth queued, QEMU's round still going: read with the full buffer (with the
     # small one a busy tick's hundreds of pages went one per read and outlasted the drain).
     seen = await _one_drain(stream, b"p" * 3000)
-    assert [buf for _, buf in seen] == [default]
+    assert seen == [(b"p" * 3000, DEFAULT, DEFAULT)]
     assert stream.drains == {"empty": 1, "rounds": 0, "burst": 0}
     # Once QEMU's first round has ended the buffer is small again, so a QEMU with little left
     # re-syncs only a few times before it blocks; a second round ends the drain.
     stream = make_stream(precopy_interval=5.0)
     seen = await _one_drain(stream, b"p" * 3000 + b"E", b"q" * 10, b"E", b"never read")
-    assert [(data, buf) for data, buf in seen] == [
-        (b"p" * 3000 + b"E", default), (b"q" * 10, 2 * 4096), (b"E", 2 * 4096)]
+    assert seen == [(b"p" * 3000 + b"E", DEFAULT, SMALL), (b"q" * 10, SMALL, SMALL),
+                    (b"E", SMALL, SMALL)]
     assert stream.drains == {"empty": 0, "rounds": 1, "burst": 0}
+
+
+async def test_the_buffer_shrinks_as_soon_as_a_round_ends_not_after_the_send():
+    # While the relay sends a chunk on (compression, TLS, a slow link) a QEMU on the full
+    # buffer re-syncs freely: the round's end is acted on as soon as it is parsed.
+    stream = make_stream(precopy_interval=5.0)
+    seen = await _one_drain(stream, b"p" * 100, b"p" * 50 + b"E", b"E")
+    assert [(parsed, sent) for _, parsed, sent in seen] == [
+        (DEFAULT, DEFAULT), (DEFAULT, SMALL), (SMALL, SMALL)]
+
+
+async def test_a_backlog_ends_at_once_when_qemu_reads_as_caught_up():
+    # QEMU's rounds carry at least 64 pages while it has a backlog; many round ends in one
+    # read mean it re-syncs and finds little: paced from that read on, not at the next poll.
+    stream = make_stream(precopy_interval=5.0)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        _plug(stream, ours, theirs, backlog=True)
+        spin = b"E" * SPIN_ROUNDS
+        pump, seen = _run_pump(stream, theirs, b"p" * 3000 + b"E" * (SPIN_ROUNDS - 1), spin,
+                               b"q")
+        try:
+            await wait_until(lambda: sum(stream.drains.values()) == 1, 5, "an idle drain")
+        finally:
+            pump.cancel()
+        stream._qpeer = None
+    # A read with fewer round ends stays in the backlog, on the full buffer.
+    assert seen[0] == (b"p" * 3000 + b"E" * (SPIN_ROUNDS - 1), DEFAULT, DEFAULT)
+    assert seen[1] == (spin, DEFAULT, SMALL)
+    assert stream._backlog is False and stream.pacing == "idle"
+    assert stream.backlogs == 1 and stream.backlog_seconds > 0
+    # The idle drain that follows reads what QEMU queued meanwhile.
+    assert seen[2][0] == b"q" and stream.drains["empty"] == 1
 
 
 async def test_backlog_time_is_counted_until_the_first_idle_drain():

@@ -56,6 +56,12 @@ _hash = xxhash.xxh3_64_intdigest
 RECV_CHUNK = 1 << 20
 
 
+#: RAM rounds ended within one read of QEMU's socket that show a backlog is over. QEMU ends a
+#: round when its dirty bitmap is exhausted or after 50 ms (checked every 64 pages), so while
+#: it has a real backlog a round carries at least 64 pages, and a read (at most the socket's
+#: send buffer, ~200 KiB) holds few round ends; a QEMU that has caught up ends one per sync.
+SPIN_ROUNDS = 8
+
 #: Migration states a held-open precopy reaches only once the VM is stopped.
 _FINISHING = ("pre-switchover", "device", "completed")
 
@@ -252,6 +258,11 @@ class PrecopyStream:
     # --- the stream ------------------------------------------------------------------------------
 
     async def _forward(self, link: Link, sid: int, chunk: memoryview) -> None:
+        await self._relay(link, sid, len(chunk), self._parse(chunk))
+
+    def _parse(self, chunk: memoryview) -> bytes:
+        """Run a chunk of QEMU's stream through the editor (dropping pages the shadow holds)
+        and count what it carried; returns what is to be relayed."""
         assert self._editor is not None
         out, events = self._editor.feed(chunk)
         for ev in events:
@@ -269,15 +280,18 @@ class PrecopyStream:
             elif type(ev).__name__ == "DeviceStateBegin":
                 self.device_state_offset = ev.offset
         self.stream_bytes += len(chunk)
-        data = b"".join(out)
+        return b"".join(out)
+
+    async def _relay(self, link: Link, sid: int, raw_len: int, data: bytes) -> None:
+        """Send what ``_parse`` kept of ``raw_len`` bytes of QEMU's stream to the sink."""
         if data:
             t0 = time.monotonic()
             codec, payload = self._compressor.pack(data)
             n = await link.send_frame(encode(m.PrecopyData(sid, codec, len(data), payload)))
             self.relayed_bytes += len(data)
-            self.rep.ledger.record_sent(len(chunk), n, time.monotonic() - t0)
+            self.rep.ledger.record_sent(raw_len, n, time.monotonic() - t0)
             mt = self.rep.metrics
-            mt.sent_bytes.labels("raw").inc(len(chunk))
+            mt.sent_bytes.labels("raw").inc(raw_len)
             mt.sent_bytes.labels("wire").inc(n)
 
     async def _pump(self, link: Link, sid: int) -> None:
@@ -314,7 +328,15 @@ class PrecopyStream:
                 n = await loop.sock_recv_into(sock, self._buf)
                 if n == 0:
                     break
-                await self._forward(link, sid, memoryview(self._buf)[:n])
+                rounds = self.iterations
+                data = self._parse(memoryview(self._buf)[:n])
+                if self.iterations - rounds >= SPIN_ROUNDS and self.qemu_info:
+                    # QEMU has caught up and only re-syncs, a round of a few pages per sync:
+                    # pace it now. The next poll would say so too, but by then QEMU has spun
+                    # through thousands of syncs.
+                    self._backlog = False
+                    self._pace_qemu(True)
+                await self._relay(link, sid, n, data)
                 continue
             t0 = time.monotonic()
             self._end_backlog(t0)
@@ -333,9 +355,11 @@ class PrecopyStream:
                     break
                 if n == 0:
                     return
-                await self._forward(link, sid, memoryview(self._buf)[:n])
+                data = self._parse(memoryview(self._buf)[:n])
                 if self.iterations > passes:
+                    # At once, not after the send: until then QEMU re-syncs freely.
                     self._pace_qemu(True)
+                await self._relay(link, sid, n, data)
                 if self.iterations - passes >= 2:
                     # Two RAM rounds ended (QEMU ends one at least every ~50 ms, so not
                     # necessarily a whole pass: what is left goes next tick, and
