@@ -27,4 +27,13 @@ async def wait_for(aw: Awaitable[T], timeout: float | None) -> T:
         return await aw
 
 
-__all__ = ["wait_for"]
+async def finish(fut: asyncio.Future) -> None:
+    """Wait until ``fut`` has ended, without cancelling it, and mark its outcome as seen. For a
+    worker thread that writes into buffers or files the caller is about to reuse or close,
+    awaited while the caller unwinds from another error (which is the one that counts)."""
+    await asyncio.wait([fut])
+    if not fut.cancelled():
+        fut.exception()
+
+
+__all__ = ["finish", "wait_for"]

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ..aio import wait_for
+from ..aio import finish, wait_for
 from ..config import Config, parse_address
 from ..errors import (IntegrityError, LayoutMismatch, PeerError, ProtocolError, ReplicatorError,
                       StoreError)
@@ -394,9 +394,7 @@ class SinkReceiver:
         finally:
             if applying is not None:
                 # It writes into the store: let it end before anyone closes the store.
-                await asyncio.wait([applying])
-                if not applying.cancelled():
-                    applying.exception()
+                await finish(applying)
 
     async def _on_message(self, link: Link, store: Any, msg: Any) -> None:
         """Every message of a session but page batches."""

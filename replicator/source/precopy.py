@@ -257,9 +257,6 @@ class PrecopyStream:
 
     # --- the stream ------------------------------------------------------------------------------
 
-    async def _forward(self, link: Link, sid: int, chunk: memoryview) -> None:
-        await self._relay(link, sid, len(chunk), self._parse(chunk))
-
     def _parse(self, chunk: memoryview) -> bytes:
         """Run a chunk of QEMU's stream through the editor (dropping pages the shadow holds)
         and count what it carried; returns what is to be relayed."""
@@ -317,7 +314,7 @@ class PrecopyStream:
                 n = await loop.sock_recv_into(sock, self._buf)
                 if n == 0:
                     break
-                await self._forward(link, sid, memoryview(self._buf)[:n])
+                await self._relay(link, sid, n, self._parse(memoryview(self._buf)[:n]))
                 continue
             if self._backlog or not self.qemu_info:
                 if self.pacing != "backlog":

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..aio import wait_for
+from ..aio import finish, wait_for
 from ..config import PAGE_SIZE
 from ..errors import PeerError
 from ..faults import checkpoint
@@ -222,9 +222,7 @@ class ScanStream:
                 if pending is not None:
                     # The thread fills the read buffer and the ledger: let it end first
                     # (shielded above, so a cancel did not cut it loose).
-                    await asyncio.wait([pending])
-                    if not pending.cancelled():
-                        pending.exception()
+                    await finish(pending)
             await link.send(m.EpochEnd(epoch))
             ledger.epoch_sent(epoch)
             if self._queue.empty():
